@@ -1,0 +1,82 @@
+"""Shared fixtures: config composition and running train.py on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import utils.resolvers  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "train"):
+    """Compose a real config; paths point into ``tmp_path`` (no Hydra run dir needed)."""
+    base = [
+        f"paths.root_dir={ROOT}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=config_name, overrides=base + list(overrides))
+
+
+# Tiny but real: the experiment configs, shrunk. Shared by the end-to-end tests.
+TINY_SEG = [
+    "experiment=task_seg_synthetic",
+    "data.synthetic.num_images=24",
+    "data.synthetic.image_size=48",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "trainer.max_epochs=1",
+    "logger=none",
+]
+TINY_CLS = [
+    "experiment=task_cls_synthetic",
+    "backbone=small_cnn",
+    "data.synthetic.num_images=48",
+    "data.synthetic.image_size=32",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "logger=none",
+]
+
+
+def run_train(overrides: list[str], tmp_path: Path, run_name: str = "run", timeout: int = 600,
+              env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``python train.py`` in a subprocess (as a user would); return (process, run dir)."""
+    run_dir = tmp_path / run_name
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), *overrides,
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return proc, run_dir
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def tiny_seg() -> list[str]:
+    return list(TINY_SEG)
+
+
+@pytest.fixture
+def tiny_cls() -> list[str]:
+    return list(TINY_CLS)

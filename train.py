@@ -1,0 +1,40 @@
+"""Train any medmark objective from configs.
+
+    python train.py experiment=task_seg_synthetic
+    python train.py experiment=task_cls_synthetic trainer=ddp_cpu
+    python train.py -m experiment=task_seg_synthetic backbone=unet_resnet34,sam_tiny
+
+Exit codes: 0 done, 2 bad input (dataset, config, missing weights) with a message
+naming the file or key at fault.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import utils.resolvers  # noqa: F401  (registers ${len:...})
+from datamodules.samples import DatasetError
+from utils.run import run_training
+
+log = logging.getLogger("medmark")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        OmegaConf.resolve(cfg)  # fail on a bad key before anything is built
+        return run_training(cfg)
+    except (DatasetError, FileNotFoundError, ValueError, OmegaConfBaseException, InstantiationException) as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Run plumbing shared by train.py and verify.py (logging set-up, instantiation, summaries)."""
