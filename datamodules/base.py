@@ -33,9 +33,15 @@ from datamodules.transforms import build_transforms
 log = logging.getLogger("medmark.data")
 
 
+def _writable(arr: np.ndarray) -> np.ndarray:
+    # PIL hands out read-only views; torch wants memory it may write to.
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()
+
+
 def to_float_image(arr: np.ndarray, channels: int) -> torch.Tensor:
     """H×W or H×W×C array (uint8 [0,255] or float [0,1]) -> float C×H×W in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(arr))
+    x = torch.from_numpy(_writable(arr))
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
     x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)[:3]
     if x.shape[0] == channels:
@@ -64,6 +70,10 @@ class SampleDataset(Dataset):
 
     def __init__(self, samples: list[Sample], transform, channels: int, on_bad_sample: str):
         self.samples = samples
+        # Where only some images have lesion annotations (IDRiD), the others get an empty
+        # mask plus has_lesion_mask=False, so batches collate and nobody mistakes
+        # "not annotated" for "lesion-free".
+        self.any_lesion_mask = any(s.lesion_mask is not None for s in samples)
         self.transform = transform
         self.channels = channels
         self.on_bad_sample = on_bad_sample
@@ -94,6 +104,9 @@ class SampleDataset(Dataset):
         item: dict[str, Any] = {"image": image.as_subclass(torch.Tensor), "id": sample.id}
         for key, value in extras.items():
             item[key] = value.as_subclass(torch.Tensor).float()
+        if self.any_lesion_mask:
+            item["has_lesion_mask"] = "lesion_mask" in item
+            item.setdefault("lesion_mask", torch.zeros(1, *item["image"].shape[-2:]))
         if "mask" in item:
             item["box"] = box_from_mask(item["mask"])
         if sample.label is not None:
@@ -109,7 +122,7 @@ class SampleDataset(Dataset):
                 f"mask size {tuple(mask.shape[:2])} differs from image size "
                 f"{tuple(image.shape[-2:])} of {sample.image.path}",
             )
-        return tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).to(torch.uint8))
+        return tv_tensors.Mask(torch.from_numpy(_writable(mask)).unsqueeze(0).to(torch.uint8))
 
 
 class MedicalImageDataModule(LightningDataModule):
@@ -195,18 +208,21 @@ class MedicalImageDataModule(LightningDataModule):
         self.data_dir = data_dir
         self.reader_options = dict(reader_options or {})
         self.splits: dict[str, list[Sample]] = {}
+        self._synthetic_root: Path | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def dataset_root(self) -> Path:
         """The folder the reader reads (generating synthetic data if needed)."""
         if self.synthetic is None:
             return Path(self.root)
-        from datamodules.synthetic import ensure_synthetic
+        if self._synthetic_root is None:
+            from datamodules.synthetic import ensure_synthetic
 
-        if self.data_dir is None:
-            raise ValueError("data.data_dir is required for synthetic data")
-        options = dict(self.synthetic)
-        return ensure_synthetic(options.pop("name"), Path(self.data_dir), **options)
+            if self.data_dir is None:
+                raise ValueError("data.data_dir is required for synthetic data")
+            options = dict(self.synthetic)
+            self._synthetic_root = ensure_synthetic(options.pop("name"), Path(self.data_dir), **options)
+        return self._synthetic_root
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: the place to write synthetic data.
@@ -281,28 +297,31 @@ class MedicalImageDataModule(LightningDataModule):
                 )
 
     def split_samples(self, samples: list[Sample]) -> dict[str, list[Sample]]:
-        """Keep dataset-defined splits; carve missing ones from the untagged samples by group."""
-        splits: dict[str, list[Sample]] = {name: [s for s in samples if s.split == name] for name in SPLITS}
-        pool = [s for s in samples if s.split is None]
+        """Keep dataset-defined splits; carve missing val/test by group from the training pool.
+
+        The pool is every sample tagged ``train`` or untagged. Groups (patients...) move
+        as a whole, so no group ends up in two splits.
+        """
         unknown = {s.split for s in samples} - set(SPLITS) - {None}
         if unknown:
             raise DatasetError(f"reader {self.layout!r} produced unknown splits {sorted(unknown)}")
+        splits: dict[str, list[Sample]] = {name: [s for s in samples if s.split == name] for name in ("val", "test")}
+        pool = [s for s in samples if s.split in (None, "train")]
         groups = sorted({s.group or s.id for s in pool})
         order = np.random.default_rng(self.split_seed).permutation(len(groups))
-        shares = {"val": self.val_fraction if not splits["val"] else 0.0,
-                  "test": self.test_fraction if not splits["test"] else 0.0}
         assignment: dict[str, str] = {}
         start = 0
-        for name in ("val", "test"):
-            count = int(round(shares[name] * len(groups)))
-            if shares[name] > 0:
-                count = max(count, 1)  # a requested split is never silently empty
+        for name, share in (("val", self.val_fraction), ("test", self.test_fraction)):
+            if splits[name] or share <= 0:
+                continue
+            count = max(1, int(round(share * len(groups))))  # a requested split is never silently empty
             for i in order[start:start + count]:
                 assignment[groups[i]] = name
             start += count
+        splits["train"] = []
         for sample in pool:
             splits[assignment.get(sample.group or sample.id, "train")].append(sample)
-        return splits
+        return {name: splits[name] for name in SPLITS}
 
     # -- loaders ---------------------------------------------------------------------------
     def dataset(self, split: str, train_transforms: bool | None = None) -> SampleDataset:

@@ -103,6 +103,12 @@ class ObjectiveModule(LightningModule):
                  batch_size=batch_size, sync_dist=stage != "train")
         return total
 
+    def on_train_epoch_start(self) -> None:
+        # Logged here rather than by LearningRateMonitor, which refuses to run without a logger.
+        for i, group in enumerate(self.optimizers().optimizer.param_groups if hasattr(self.optimizers(), "optimizer")
+                                  else self.optimizers().param_groups):
+            self.log(f"lr/group{i}", group["lr"], on_step=False, on_epoch=True)
+
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer, params=[p for p in self.parameters() if p.requires_grad])
         if not self.hparams.scheduler:

@@ -6,12 +6,17 @@ stays constant), HD95. Classification: accuracy, balanced accuracy (macro recall
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from scipy import ndimage
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC, MulticlassRecall
 from torchmetrics.segmentation import DiceScore, MeanIoU
+
+# We pass `average` explicitly; torchmetrics warns about its future default regardless.
+warnings.filterwarnings("ignore", message="DiceScore metric currently defaults")
 
 
 def hd95_per_image(pred: np.ndarray, target: np.ndarray) -> float | None:

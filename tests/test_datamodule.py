@@ -144,3 +144,13 @@ def test_runtime_bad_sample_respects_policy(tmp_path):
         strict[0]
     lenient = SampleDataset(samples, transform, 3, "skip")
     assert lenient[0]["id"] == "ok"
+
+
+def test_missing_splits_are_carved_from_train_tagged_samples():
+    # PraNet/ACDC/REFUGE tag their training images 'train' and define only some other splits
+    samples = [Sample(id=f"s{i}", image=ImageFile("x.png"), label=i % 2, split="train" if i < 16 else "test")
+               for i in range(20)]
+    dm = MedicalImageDataModule(task="classification", classes=["a", "b"], layout="x", root=".", val_fraction=0.25)
+    splits = dm.split_samples(samples)
+    assert len(splits["test"]) == 4 and all(s.split == "test" for s in splits["test"])
+    assert len(splits["val"]) == 4 and len(splits["train"]) == 12

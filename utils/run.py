@@ -105,6 +105,9 @@ def run_training(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(public_config)
 
     summary: dict[str, Any] = {"task": cfg.data.task, "output_dir": str(output_dir)}
+    if datamodule.splits:
+        summary["data"] = {"root": str(datamodule.dataset_root()),
+                           **{f"num_{name}": len(split) for name, split in datamodule.splits.items()}}
     if cfg.get("eval_untrained"):
         summary["untrained"] = _numbers(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
