@@ -1,0 +1,1 @@
+"""Framework-free watermarking core: pure functions on tensors and arrays (no Lightning)."""
