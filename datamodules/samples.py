@@ -138,3 +138,40 @@ class Sample:
     group: str | None = None
     lesion_mask: Source | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class MaskUnion(Source):
+    """Union of binary mask files of one image (BUSI's ``_mask``, ``_mask_1``;
+    IDRiD's per-lesion MA/HE/EX/SE TIFFs).
+
+    ``read()`` returns ``np.uint8`` H×W in {0, 1}: 1 where any part is foreground. Parts
+    of different sizes raise :class:`BadSampleError` naming the odd file.
+    """
+
+    parts: tuple[MaskFile, ...]
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError("MaskUnion needs at least one mask file")
+
+    @property
+    def path(self) -> Path:  # type: ignore[override]
+        """The first part: the file named when the union as a whole is at fault."""
+        return self.parts[0].path
+
+    def read(self) -> np.ndarray:
+        union = self.parts[0].read().copy()
+        for part in self.parts[1:]:
+            mask = part.read()
+            if mask.shape != union.shape:
+                raise BadSampleError(part.path, f"mask size {mask.shape} differs from {union.shape} of {self.path}")
+            union |= mask
+        return union
+
+    def size(self) -> tuple[int, int]:
+        first = self.parts[0].size()
+        for part in self.parts[1:]:
+            if part.size() != first:
+                raise BadSampleError(part.path, f"mask size {part.size()} differs from {first} of {self.path}")
+        return first

@@ -31,14 +31,13 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from datamodules.readers import register_reader
-from datamodules.samples import BadSampleError, DatasetLayoutError, ImageFile, MaskFile, Sample, Source
+from datamodules.samples import BadSampleError, DatasetLayoutError, ImageFile, MaskFile, MaskUnion, Sample, Source
 
 log = logging.getLogger("medmark.data")
 
@@ -238,48 +237,6 @@ def _int_or_none(value: str) -> int | None:
 # --------------------------------------------------------------------------------------
 # Lesion masks (IDRiD segmentation ground truth)
 # --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LesionUnion(Source):
-    """Union of several binary lesion masks of one image (e.g. IDRiD MA ∪ HE ∪ EX ∪ SE).
-
-    ``read()`` returns ``np.uint8`` H×W in {0, 1}: 1 where any part is non-zero. The parts
-    are lossless TIFFs whose foreground may be stored as 1, 255 or a red RGB pixel, hence
-    the ``> 0`` threshold of each :class:`MaskFile`. Parts of different sizes raise
-    :class:`BadSampleError` naming the odd file.
-    """
-
-    parts: tuple[MaskFile, ...]
-
-    def __post_init__(self):
-        if not self.parts:
-            raise ValueError("LesionUnion needs at least one mask file")
-
-    @property
-    def path(self) -> Path:  # type: ignore[override]
-        """The first part: the file named when the union as a whole is at fault."""
-        return self.parts[0].path
-
-    def read(self) -> np.ndarray:
-        union: np.ndarray | None = None
-        for part in self.parts:
-            mask = part.read()
-            if union is None:
-                union = mask.copy()
-            elif mask.shape != union.shape:
-                raise BadSampleError(
-                    part.path, f"lesion mask size {mask.shape} differs from {union.shape} of {self.parts[0].path}"
-                )
-            else:
-                union |= mask
-        return union  # type: ignore[return-value]
-
-    def size(self) -> tuple[int, int]:
-        sizes = {part.size() for part in self.parts}
-        if len(sizes) > 1:
-            raise BadSampleError(self.parts[0].path, f"lesion masks of one image differ in size: {sorted(sizes)}")
-        return sizes.pop()
-
-
 _IDRID_LESION_FILE = re.compile(r"^(IDRiD_\d+)_([A-Z]{2})\.tiff?$", re.IGNORECASE)
 
 
@@ -545,7 +502,7 @@ def read_idrid(
 
     The training set gets split None, the testing set split 'test'. IDRiD restarts image
     numbering in each set, so ids are ``train/IDRiD_001`` and ``test/IDRiD_001``. IDRiD
-    gives no patient ids: group None. ``lesion_mask`` is a :class:`LesionUnion` of the
+    gives no patient ids: group None. ``lesion_mask`` is a :class:`~datamodules.samples.MaskUnion` of the
     lesion files whose name matches the image name within the same set, and None for
     images without any (an unannotated image is not known to be lesion-free).
     """
@@ -594,7 +551,7 @@ def read_idrid(
                     image=ImageFile(images.path_by_stem(name, ".jpg")),
                     label=label,
                     split=split,
-                    lesion_mask=LesionUnion(tuple(MaskFile(p, positive_above=0) for p in parts)) if parts else None,
+                    lesion_mask=MaskUnion(tuple(MaskFile(p, positive_above=0) for p in parts)) if parts else None,
                     meta={"grade": grade, "set": prefix},
                 )
             )

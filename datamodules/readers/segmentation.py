@@ -50,7 +50,7 @@ import pandas as pd
 from skimage.draw import polygon as draw_polygon
 
 from datamodules.readers import register_reader
-from datamodules.samples import BadSampleError, DatasetLayoutError, ImageFile, MaskFile, Sample, Source
+from datamodules.samples import BadSampleError, DatasetLayoutError, ImageFile, MaskFile, MaskUnion, Sample, Source
 
 log = logging.getLogger("medmark.data")
 
@@ -185,42 +185,6 @@ class UnavailableSource(Source):
 
     def size(self) -> tuple[int, int]:
         raise BadSampleError(self.path, self.reason)
-
-
-@dataclass(frozen=True)
-class MaskUnion(Source):
-    """Union of binary mask files of one image (BUSI's ``_mask``, ``_mask_1``, ``_mask_2``).
-
-    ``read()`` returns ``np.uint8`` H×W in {0, 1}: 1 where any part is foreground. Parts
-    of different sizes raise :class:`BadSampleError` naming the odd file.
-    """
-
-    parts: tuple[MaskFile, ...]
-
-    def __post_init__(self):
-        if not self.parts:
-            raise ValueError("MaskUnion needs at least one mask file")
-
-    @property
-    def path(self) -> Path:  # type: ignore[override]
-        """The first part: the file named when the union as a whole is at fault."""
-        return self.parts[0].path
-
-    def read(self) -> np.ndarray:
-        union = self.parts[0].read().copy()
-        for part in self.parts[1:]:
-            mask = part.read()
-            if mask.shape != union.shape:
-                raise BadSampleError(part.path, f"mask size {mask.shape} differs from {union.shape} of {self.path}")
-            union |= mask
-        return union
-
-    def size(self) -> tuple[int, int]:
-        first = self.parts[0].size()
-        for part in self.parts[1:]:
-            if part.size() != first:
-                raise BadSampleError(part.path, f"mask size {part.size()} differs from {first} of {self.path}")
-        return first
 
 
 @dataclass(frozen=True)
