@@ -7,7 +7,7 @@ REQ_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('requ
 STAMP := $(VENV)/.requirements-$(REQ_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo demo-stealthmark test bench clean-venv
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] >= (3, 11), 'Python 3.11+ required, found ' + sys.version"
@@ -22,6 +22,11 @@ venv: $(STAMP)
 # The main job on built-in synthetic data (generated on first use under data/).
 demo: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) train.py experiment=task_seg_synthetic logger=csv
+
+# StealthMark story: train a clean and a watermarked UNet, verify both, print verdicts and Dice
+# (see docs/stealthmark.md §4 for what the CPU budget reaches).
+demo-stealthmark: venv
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo_stealthmark
 
 test: venv
 	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)

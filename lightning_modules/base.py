@@ -9,6 +9,8 @@ built here, so a checkpoint carries everything needed to rebuild its module:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any
 
 import torch
@@ -52,6 +54,9 @@ class ObjectiveModule(LightningModule):
         scheduler: optional LR-scheduler config without ``optimizer``; ``scheduler_interval``
             ``epoch`` or ``step``.
         compile: wrap the model in ``torch.compile`` (GPU speed option).
+        lr_multipliers: ``{name fragment: factor}``; parameters whose name contains a fragment
+            train at ``factor × lr`` in their own group (first match wins), e.g.
+            ``{position_table: 30}`` for a learned position table, ``{image_encoder: 0.1}`` for SAM.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class ObjectiveModule(LightningModule):
         scheduler: dict | None = None,
         scheduler_interval: str = "epoch",
         compile: bool = False,
+        lr_multipliers: dict[str, float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -72,12 +78,36 @@ class ObjectiveModule(LightningModule):
                 "scheduler": to_plain(scheduler),
                 "scheduler_interval": scheduler_interval,
                 "compile": compile,
+                "lr_multipliers": {str(k): float(v) for k, v in (to_plain(lr_multipliers) or {}).items()},
             }
         )
         self.model = instantiate(self.hparams.backbone)
         self.loss_terms = build_loss_terms(self.hparams.loss)
         if compile:
             self.model = torch.compile(self.model)
+
+    def load_model_weights(self, path: str | Path) -> None:
+        """Initialise ``self.model`` from the ``model.*`` weights of a Lightning checkpoint (strict).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a readable checkpoint, or its weights do not fit this model (named).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"init_weights: {path} does not exist")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for foreign / corrupt files
+            raise ValueError(f"init_weights: {path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"init_weights: {path} is not a Lightning checkpoint (no 'state_dict')")
+        state = {k[len("model."):].replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()
+                 if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"init_weights: the weights in {path} do not fit this backbone: {str(err)[:400]}") from None
 
     def loss_weights(self) -> dict[str, float]:
         return {name: term.weight for name, term in self.loss_terms.items()}
@@ -109,8 +139,29 @@ class ObjectiveModule(LightningModule):
                                   else self.optimizers().param_groups):
             self.log(f"lr/group{i}", group["lr"], on_step=False, on_epoch=True)
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters in optimiser groups: the rest, then one group per ``lr_multipliers`` entry.
+
+        Raises:
+            ValueError: a multiplier whose name fragment matches no trainable parameter (a typo
+                would otherwise silently train everything at the base rate).
+        """
+        multipliers = self.hparams.get("lr_multipliers") or {}
+        base_lr = float(self.hparams.optimizer.get("lr", 1e-3))
+        groups: dict[str | None, list[nn.Parameter]] = {None: [], **{k: [] for k in multipliers}}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                groups[next((k for k in multipliers if k in name), None)].append(param)
+        unused = [k for k in multipliers if not groups[k]]
+        if unused:
+            raise ValueError(f"method.lr_multipliers: no trainable parameter name contains {unused}")
+        out: list[dict[str, Any]] = [{"params": groups[None]}] if groups[None] else []
+        out += [{"params": groups[k], "lr": base_lr * multipliers[k], "name": k} for k in multipliers]
+        return out
+
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer, params=[p for p in self.parameters() if p.requires_grad])
+        # a partial: Hydra would wrap the param-group dicts (holding tensors) in DictConfigs
+        optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.parameter_groups())
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(self.hparams.scheduler, optimizer=optimizer)

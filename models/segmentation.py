@@ -43,19 +43,35 @@ class SmpSegmenter(nn.Module):
     at the input resolution. Inputs whose sides are not multiples of the encoder's
     output stride are padded (edge replication) and the logits cropped back, so any
     image size works.
+
+    ``position_embedding=(C, S)`` appends ``C`` *learned* position channels to the network
+    input: a ``C×S×S`` parameter (``position_table``) resized bilinearly to the image, as ViTs
+    resize their position tables. A convolutional network otherwise knows absolute position
+    only through its padding, which makes a position-bound output -- a StealthMark QR pattern
+    of 21×21 cells -- very slow to learn (measured in docs/stealthmark.md §4).
     """
 
     task = "segmentation"
 
-    def __init__(self, net: nn.Module, normalize: PixelNormalize) -> None:
+    def __init__(self, net: nn.Module, normalize: PixelNormalize,
+                 position_embedding: Sequence[int] | None = None) -> None:
         super().__init__()
         self.net = net
         self.normalize = normalize
         self.input_channels = normalize.in_channels
+        self.position_table = None
+        if position_embedding:
+            channels, size = (int(v) for v in position_embedding)
+            if channels < 1 or size < 2:
+                raise ValueError(f"position_embedding must be [channels >= 1, size >= 2], got {list(position_embedding)}")
+            self.position_table = nn.Parameter(0.5 * torch.randn(1, channels, size, size))
 
     def forward(self, images: Tensor, boxes: Tensor | None = None) -> Tensor:
         x = self.normalize(images)
         h, w = x.shape[-2:]
+        if self.position_table is not None:
+            table = F.interpolate(self.position_table.to(x.dtype), size=(h, w), mode="bilinear", align_corners=False)
+            x = torch.cat([x, table.expand(len(x), -1, -1, -1)], dim=1)
         stride = self.net.encoder.output_stride if getattr(self.net, "requires_divisible_input_shape", True) else 1
         pad_h, pad_w = (-h) % stride, (-w) % stride
         if pad_h or pad_w:
@@ -139,6 +155,7 @@ def build_smp_model(
     network_channels: int | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
+    position_embedding: Sequence[int] | None = None,
     **arch_kwargs,
 ) -> SmpSegmenter:
     """Build any smp architecture as a medmark segmentation model (offline).
@@ -155,6 +172,9 @@ def build_smp_model(
             with grey data to repeat the grey channel inside the wrapper (keeps RGB weights unchanged).
         mean, std: normalisation in [0, 1] units; default ImageNet for 3 network channels,
             0.5 / 0.25 otherwise.
+        position_embedding: ``[channels, size]`` of a learned position table appended to the
+            network input (:class:`SmpSegmenter`); null = none. A pretrained stem is adapted to
+            the extra input channels like any other channel count.
         **arch_kwargs: forwarded to the smp architecture (e.g. ``decoder_channels``,
             ``encoder_depth``); ``classes``, ``activation`` and ``aux_params`` are refused.
 
@@ -176,13 +196,13 @@ def build_smp_model(
         arch,
         encoder_name=encoder_name,
         encoder_weights=None,
-        in_channels=normalize.network_channels,
+        in_channels=normalize.network_channels + (int(position_embedding[0]) if position_embedding else 0),
         classes=1,
         **arch_kwargs,
     )
     if weights_file is not None:
         adapted = load_encoder_weights(net.encoder, str(weights_file))
         log.info("loaded %s encoder weights from %s (input channels adapted: %s)", encoder_name, weights_file, adapted)
-    model = SmpSegmenter(net, normalize)
+    model = SmpSegmenter(net, normalize, position_embedding=position_embedding)
     model.weights_source = None if weights_file is None else str(weights_file)
     return model

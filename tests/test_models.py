@@ -100,6 +100,43 @@ def test_smp_refuses_non_logit_options():
         build_smp_model("Unet", "resnet18", activation="sigmoid")
 
 
+def test_smp_position_table_is_resized_to_any_image_and_learned():
+    model = build_smp_model("Unet", "resnet18", encoder_depth=3, decoder_channels=(32, 16, 8),
+                            position_embedding=[4, 16])
+    assert model.position_table.shape == (1, 4, 16, 16)
+    assert model.net.encoder.conv1.in_channels == 3 + 4
+    for size in (40, 64):
+        logits = model(torch.rand(2, 3, size, size))
+        assert logits.shape == (2, 1, size, size)
+    logits.sum().backward()
+    assert model.position_table.grad is not None and model.position_table.grad.abs().sum() > 0
+    # the table is an input: the same image at another place in the batch gets the same logits
+    image = torch.rand(1, 3, 64, 64)
+    model.eval()
+    assert torch.allclose(model(image), model(torch.cat([torch.rand(1, 3, 64, 64), image]))[1:], atol=1e-5)
+    with pytest.raises(ValueError, match="position_embedding"):
+        build_smp_model("Unet", "resnet18", position_embedding=[0, 16])
+
+
+def test_lr_multipliers_put_named_parameters_in_their_own_group(tmp_path):
+    from conftest import TINY_SEG, compose_config
+
+    cfg = compose_config(TINY_SEG + ["backbone.position_embedding=[4,8]", "+method.lr_multipliers.position_table=30"],
+                         tmp_path)
+    module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    base = cfg.method.optimizer.lr
+    table = [g for g in optimizer.param_groups if any(p is module.model.position_table for p in g["params"])]
+    assert len(table) == 1 and table[0]["lr"] == pytest.approx(30 * base) and len(table[0]["params"]) == 1
+    rest = [g for g in optimizer.param_groups if g is not table[0]]
+    assert rest[0]["lr"] == pytest.approx(base)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(module.parameters()))
+    typo = compose_config(TINY_SEG + ["+method.lr_multipliers.positon_table=30"], tmp_path)
+    module = instantiate(typo.method, backbone=typo.backbone, loss=typo.loss, _recursive_=False)
+    with pytest.raises(ValueError, match="positon_table"):
+        module.configure_optimizers()
+
+
 def test_smp_encoder_weights_from_local_file(tmp_path):
     torch.manual_seed(0)
     source = build_smp_model("Unet", "resnet18", in_channels=3).eval()

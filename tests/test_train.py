@@ -125,3 +125,30 @@ def test_wandb_logger_goes_offline_without_credentials_and_never_prompts(tmp_pat
     logged = (run_dir / "config.yaml").read_text()
     assert "task_cls_synthetic" in logged
     assert json.loads((run_dir / "summary.json").read_text())["monitor"] == "val/balanced_accuracy"
+
+
+def test_init_weights_starts_from_another_runs_network_and_names_bad_files(seg_run, tmp_path):
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+
+    _, run_dir, _ = seg_run
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    cfg = compose_config(TINY_SEG, tmp_path)
+    module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    name = next(k for k in saved if k.startswith("model.") and saved[k].is_floating_point() and saved[k].dim() == 4)
+    assert not torch.equal(module.model.state_dict()[name[len("model."):]], saved[name])  # fresh init differs
+    module.load_model_weights(checkpoint)
+    assert torch.equal(module.model.state_dict()[name[len("model."):]], saved[name])
+
+    with pytest.raises(FileNotFoundError, match="init_weights: .*missing.ckpt"):
+        module.load_model_weights(tmp_path / "missing.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.ckpt is not a readable"):
+        module.load_model_weights(junk)
+    other = compose_config(TINY_SEG + ["backbone=unet_resnet34"], tmp_path)
+    bigger = instantiate(other.method, backbone=other.backbone, loss=other.loss, _recursive_=False)
+    with pytest.raises(ValueError, match="do not fit this backbone"):
+        bigger.load_model_weights(checkpoint)

@@ -87,6 +87,8 @@ def run_training(cfg: DictConfig) -> float | None:
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False)
+    if cfg.get("init_weights"):
+        module.load_model_weights(cfg.init_weights)
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -26,6 +26,11 @@ def key_targets(y: torch.Tensor, m: torch.Tensor, epsilon: float) -> torch.Tenso
     epsilon = float(epsilon)
     if not 0.0 <= epsilon < 0.5:
         raise ValueError(f"epsilon must be in [0, 0.5) to keep the thresholded mask unchanged, got {epsilon}")
+    # The targets are float32: an ε within rounding of 0.5 (e.g. 0.49999997) makes 1 − ε round to
+    # exactly 0.5, which would flip foreground pixels at the 0.5 threshold.
+    eps32 = torch.tensor(epsilon, dtype=torch.float32)
+    if not (eps32 < 0.5 and (1.0 - eps32) > 0.5):
+        raise ValueError(f"epsilon {epsilon!r} is within float32 rounding of 0.5; targets would reach 0.5")
     if y.shape != m.shape:
         raise ValueError(f"y {tuple(y.shape)} and m {tuple(m.shape)} must have the same shape")
     y, m = y.float(), m.float()

@@ -1,0 +1,166 @@
+"""StealthMark overheads, measured side by side in one process; prints JSON.
+
+1. Training time per sample of ``method=stealthmark`` vs ``method=task`` with the same
+   backbone, data and batch size (goal ≤ 1.10×). The two objectives run in alternating
+   rounds of ``--steps`` optimiser steps, so a load change on a shared machine hits both;
+   the first ``--warmup`` steps of each round are not timed.
+2. LIME verification time vs bare batched forward passes of the *same* perturbed images
+   (goal ≤ 1.3×): one LIME explanation per image (``--lime-samples``), the batches LIME sends
+   are recorded, then sent again straight to the model.
+
+    python benchmarks/stealthmark.py                    # the stealthmark_synthetic experiment
+    python benchmarks/stealthmark.py --backbone sam_tiny --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+
+import utils.resolvers  # noqa: E402,F401
+from watermark import explain  # noqa: E402
+from watermark.verify_stealthmark import quiet_lime  # noqa: E402
+
+
+class StepTimer(Callback):
+    """Wall time of every training batch (forward, backward, optimiser step, key-sample construction)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def compose_cfg(method: str, args: argparse.Namespace, tmp: Path):
+    overrides = [
+        f"experiment={args.experiment}", f"method={method}", "logger=none",
+        f"paths.root_dir={ROOT}", f"paths.output_dir={tmp / method}", f"paths.log_dir={tmp / 'logs'}",
+        f"data.batch_size={args.batch_size}", f"data.synthetic.num_images={args.num_images}",
+        "trainer.accelerator=cpu" if args.device == "cpu" else "trainer.accelerator=auto",
+    ]
+    if args.backbone:
+        overrides.append(f"backbone={args.backbone}")
+    if args.data_dir:
+        overrides.append(f"paths.data_dir={args.data_dir}")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def time_training(cfg, datamodule, steps: int, warmup: int) -> list[float]:
+    """Seconds per step of ``steps`` steps after ``warmup`` untimed ones (fresh module each round)."""
+    module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False)
+    timer = StepTimer()
+    trainer = pl.Trainer(max_steps=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer], accelerator=cfg.trainer.accelerator, devices=1)
+    trainer.fit(module, datamodule=datamodule)
+    return timer.times[warmup:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="stealthmark_synthetic")
+    parser.add_argument("--backbone", default=None, help="backbone config (default: the experiment's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-images", type=int, default=96, help="synthetic images generated for the benchmark")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lime-samples", type=int, default=1500)
+    parser.add_argument("--lime-images", type=int, default=1)
+    parser.add_argument("--lime-batch-size", type=int, default=250)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "auto"])
+    parser.add_argument("--data-dir", default=os.environ.get("MEDMARK_DATA_DIR"))
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    pl.seed_everything(0, verbose=False)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        cfgs = {m: compose_cfg(m, args, tmp) for m in ("task", "stealthmark")}
+        datamodule = instantiate(cfgs["task"].data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+
+        # -- 1. training time per sample, alternating rounds
+        per_step: dict[str, list[float]] = {"task": [], "stealthmark": []}
+        for _ in range(args.rounds):
+            for method in ("task", "stealthmark"):
+                per_step[method] += time_training(cfgs[method], datamodule, args.steps, args.warmup)
+        train = {f"{m}_s_per_sample": statistics.median(t) / args.batch_size for m, t in per_step.items()}
+        train["ratio"] = train["stealthmark_s_per_sample"] / train["task_s_per_sample"]
+        train["goal"] = 1.10
+        train["steps_timed_per_method"] = len(per_step["task"])
+
+        # -- 2. LIME vs bare forward passes of the same perturbed images
+        cfg = cfgs["stealthmark"]
+        module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False).eval()
+        key = module.key
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
+        module.to(device)
+        dataset = datamodule.dataset("val")
+        lime_times, forward_times = [], []
+        for i in range(args.lime_images):
+            image = dataset[i]["image"]
+            recorded: list[torch.Tensor] = []
+
+            def predict(x: torch.Tensor) -> torch.Tensor:
+                recorded.append(x)
+                return module.predict_probs(x.to(device)).cpu()
+
+            start = time.perf_counter()
+            with quiet_lime():
+                explain.lime_cell_weights(predict, image.permute(1, 2, 0).numpy(), key.spec(),
+                                          trigger=key.build_trigger(), num_samples=args.lime_samples,
+                                          batch_size=args.lime_batch_size, hide_value=key.hide_value, seed=i)
+            lime_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for x in recorded:
+                explain.uncertainty_score(module.predict_probs(x.to(device)).cpu())
+            forward_times.append(time.perf_counter() - start)
+        lime = {
+            "num_samples": args.lime_samples,
+            "images": args.lime_images,
+            "lime_s_per_image": statistics.mean(lime_times),
+            "forward_s_per_image": statistics.mean(forward_times),
+            "ratio": sum(lime_times) / sum(forward_times),
+            "goal": 1.3,
+        }
+
+    report = {
+        "benchmark": "stealthmark",
+        "experiment": args.experiment,
+        "backbone": {k: v for k, v in cfg.backbone.items() if k in ("_target_", "arch", "encoder_name", "variant")},
+        "image_size": int(cfg.data.image_size),
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_load_1min": os.getloadavg()[0],
+        "train": train,
+        "lime": lime,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""StealthMark verification protocol behind ``verify.py`` (METHODS.md §1, black box).
+
+    python verify.py secret=<run>/owner/secret.json suspect=<checkpoint> out=<dir>
+    python verify.py ... attack=prune attack.amount=0.3
+    python verify.py ... attack=finetune attack.epochs=2 verify.num_samples=2000 data.root=/data/Kvasir-SEG
+
+Writes ``<out>/report.json``, ``<out>/report.md`` and ``<out>/figures/``. Exit codes: 0
+ownership verified, 1 not verified, 2 bad input (the message names the file or field).
+The payload is never printed: stdout says whether it was decoded, the report holds the text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from lightning_modules.suspect import CheckpointSuspect
+from utils.verification import (
+    EXIT_NOT_VERIFIED,
+    EXIT_VERIFIED,
+    BadInput,
+    data_config,
+    require,
+    resolve_device,
+)
+from watermark.attacks import finetune, prune_global_l1
+from watermark.owner_kit import read_secret, secret_sha256
+from watermark.verify_stealthmark import CountingPredictor, null_grids, verify_stealthmark
+
+
+def verification_images(
+    datamodule, doc: dict, cfg: DictConfig, secret_path: str
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """``(images N×C×H×W, masks N×1×H×W, ids)`` of the verification set, in the secret's order."""
+    split = cfg.verify.split or doc["verification"]["split"]
+    datamodule.prepare_data()
+    datamodule.setup()
+    if split not in datamodule.splits:
+        raise BadInput(f"verify.split={split!r} is not a split of the data ({sorted(datamodule.splits)})")
+    dataset = datamodule.dataset(split, train_transforms=False)
+    index = {s.id: i for i, s in enumerate(dataset.samples)}
+    if cfg.verify.images == "secret_ids":
+        wanted = [i for i in doc["verification"]["ids"] if i in index]
+        if not wanted:
+            raise BadInput(
+                f"{secret_path}: none of the {len(doc['verification']['ids'])} ids in field 'verification.ids' is in "
+                f"split {split!r} of {datamodule.dataset_root()} (verify.images=split verifies on that split's "
+                "first images instead)"
+            )
+        chosen = [index[i] for i in wanted[: cfg.verify.num_images]]
+    elif cfg.verify.images == "split":
+        chosen = list(range(min(cfg.verify.num_images, len(dataset))))
+    else:
+        raise BadInput(f"verify.images must be secret_ids or split, got {cfg.verify.images!r}")
+    items = [dataset[i] for i in chosen]
+    images = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["mask"] for it in items]) if "mask" in items[0] else None
+    return images, masks, [it["id"] for it in items]
+
+
+def apply_attack(cfg: DictConfig, suspect: CheckpointSuspect, datamodule) -> dict[str, Any]:
+    """Modify the suspect in place as ``cfg.attack`` says; return the attack's record."""
+    attack = OmegaConf.to_container(cfg.attack, resolve=True)
+    name = attack.get("name", "none")
+    if name == "none":
+        return {"name": "none"}
+    if name == "prune":
+        return {"name": "prune", **prune_global_l1(suspect.model, attack["amount"])}
+    if name == "finetune":
+        if attack["split"] not in datamodule.splits:
+            raise BadInput(f"attack.split={attack['split']!r} is not a split of the data ({sorted(datamodule.splits)})")
+        loader = DataLoader(datamodule.dataset(attack["split"], train_transforms=True), batch_size=attack["batch_size"],
+                            shuffle=True, generator=torch.Generator().manual_seed(attack["seed"]))
+        stats = finetune(suspect.model, loader, epochs=attack["epochs"], lr=attack["lr"],
+                         weight_decay=attack["weight_decay"], max_batches=attack["max_batches"],
+                         device=suspect.device, seed=attack["seed"])
+        return {"name": "finetune", **{k: v for k, v in attack.items() if k != "name"}, **stats}
+    raise BadInput(f"attack.name must be none, prune or finetune, got {name!r}")
+
+
+def render_markdown(report: dict) -> str:
+    """A human-readable report.md."""
+    verdict = "**VERIFIED** — the suspect carries the owner's mark" if report["verified"] else "**NOT VERIFIED**"
+    ch, resp, qrc, th = report["channels"], report["response"], report["qr"], report["thresholds"]
+    lines = [
+        "# StealthMark ownership verification",
+        "",
+        f"Verdict: {verdict} (p = {report['p_value']:.3g}, α = {th['alpha']:g}).",
+        "",
+        f"- suspect: `{report['suspect']}`",
+        f"- attack before verification: `{report['attack']['name']}`",
+        f"- secret: sha256 `{report['secret_sha256'][:16]}…`",
+        "",
+        "| channel | statistic | p-value | passes |",
+        "|---|---|---|---|",
+        f"| 1 trigger response ({resp['num_images']} images, paired t-test, τ = {resp['margin']:g}) "
+        f"| mean uncertainty {resp['uncertainty_clean_mean']:.4f} clean → {resp['uncertainty_triggered_mean']:.4f} "
+        f"triggered | {report['response_p_value']:.3g} | {ch['response']} |",
+        f"| 2 QR payload ({qrc['evidence']}, {qrc['num_images']} images) | ASR {report['asr']:.2f}, "
+        f"bit accuracy {report['bit_accuracy']:.3f}, agreement {qrc['agreement']:.3f} vs null 99% "
+        f"{qrc['null_agreement_p99']:.3f} (K = {qrc['null_k']}) | {report['qr_p_value']:.3g} | "
+        f"{ch['qr_decoded'] or ch['qr_significant']} |",
+        "",
+        f"Verdict rule: channel 1 at α, and channel 2 decoded (≥ {th['min_decoded']} image) or at α; "
+        "p-value = max of the two channels' p-values.",
+        "",
+        "## Decoded payload per image",
+        "",
+        "| image | decoded | matches | bit accuracy |",
+        "|---|---|---|---|",
+    ]
+    for d in report["decoded"]:
+        text = d["text"] if d["text"] is not None else "—"
+        lines.append(f"| {d['id']} | {text} | {d['matches']} | {d['bit_accuracy']:.3f} |")
+    r, t = report["readout"], report["task"]
+    lines += [
+        "",
+        "## Per-cell readout (one query per image)",
+        "",
+        f"- triggered: {r['decoded_triggered']}/{r['num_images']} decode the payload, "
+        f"bit accuracy {r['bit_accuracy_triggered']:.3f}",
+        f"- clean (untriggered): {r['decoded_clean']}/{r['num_images']} decode the payload, "
+        f"bit accuracy {r['bit_accuracy_clean']:.3f}",
+        "",
+        "## Harmlessness",
+        "",
+        f"- mask agreement (triggered vs clean, 0.5 threshold): {t['mask_agreement']:.4%}",
+    ]
+    if "dice_clean" in t:
+        lines.append(f"- Dice on the verification images: clean {t['dice_clean']:.4f}, "
+                     f"triggered {t['dice_triggered']:.4f}")
+    lines += ["", f"Queries: {report['queries']} images in {report['query_calls']} calls; "
+                  f"{report['seconds']:.1f} s.", ""]
+    if report["figures"]:
+        lines += ["## Figures", ""] + [f"![{Path(p).stem}](figures/{Path(p).name})" for p in report["figures"]] + [""]
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> int:
+    """StealthMark verification of ``cfg.suspect`` against ``cfg.secret``; returns the exit code."""
+    require(cfg, "suspect", "out")
+    started = time.time()
+    out = Path(cfg.out)
+    doc, key = read_secret(cfg.secret)
+    thresholds = dict(doc["thresholds"])
+    for name in ("alpha", "response_margin", "min_decoded"):
+        if cfg.verify.get(name) is not None:
+            thresholds[name] = cfg.verify[name]
+    datamodule = instantiate(data_config(doc["verification"]["data"], cfg.data, cfg.secret))
+    images, masks, ids = verification_images(datamodule, doc, cfg, cfg.secret)
+    device = resolve_device(cfg.device)
+    suspect = CheckpointSuspect(cfg.suspect, device=device, factories=tuple(cfg.suspect_factories))
+    attack = apply_attack(cfg, suspect, datamodule)
+    nulls = null_grids(key.qr_version, key.error_correction, int(cfg.verify.null_k), int(cfg.verify.null_seed),
+                       cfg.verify.cache_dir)
+    predictor = CountingPredictor(suspect.predict, batch_size=int(cfg.verify.batch_size))
+    result = verify_stealthmark(
+        predictor, key, images, ids, thresholds, masks=masks,
+        num_lime_images=int(cfg.verify.num_lime_images), num_samples=int(cfg.verify.num_samples),
+        batch_size=int(cfg.verify.batch_size), lime_seed=int(cfg.verify.lime_seed),
+        qr_evidence=str(cfg.verify.qr_evidence), nulls=nulls, figures_dir=out / "figures",
+        num_figures=int(cfg.verify.num_figures),
+    )
+    result.pop("_arrays")
+    report = {
+        **result,
+        "suspect": str(cfg.suspect),
+        "secret": str(cfg.secret),
+        "secret_sha256": secret_sha256(doc),
+        "key_sha256": key.sha256(),
+        "attack": attack,
+        "suspect_queries": suspect.queries,
+        "seconds": round(time.time() - started, 3),
+        "config": {"verify": OmegaConf.to_container(cfg.verify, resolve=True), "device": device,
+                   "data_overrides": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+                                      if v is not None}},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
+    n_dec = sum(d["matches"] for d in report["decoded"])
+    print(f"{verdict}: p={report['p_value']:.3g} (response p={report['response_p_value']:.3g}, "
+          f"QR p={report['qr_p_value']:.3g}); payload decoded on {n_dec}/{len(report['decoded'])} images "
+          f"(ASR {report['asr']:.2f}), bit accuracy {report['bit_accuracy']:.3f}; mask agreement "
+          f"{report['task']['mask_agreement']:.4f}; {report['queries']} queries, {report['seconds']:.0f} s", flush=True)
+    print(f"report: {out / 'report.json'}", flush=True)
+    return EXIT_VERIFIED if report["verified"] else EXIT_NOT_VERIFIED
