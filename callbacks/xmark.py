@@ -1,0 +1,292 @@
+"""X-Mark callbacks: image panels during training, and the release at the end of training.
+
+:class:`XMarkPanels` saves ``figures/xmark_panel_epochXXX.png`` (x | saliency | δ amplified |
+x_w) every validation epoch and sends it to W&B when the run logs there.
+
+:class:`XMarkRelease` runs when ``fit`` ends (METHODS.md §2, step 4) and writes
+
+* ``<run>/released/`` -- the source dataset folder copied file by file (``shutil.copy2``:
+  CSVs and every untouched image byte-identical), in which a fraction ``fraction`` of the
+  target-class *training* images (train + val splits of the data module, i.e. the rows of
+  ``train.csv`` for CheXpert) is replaced by its marked copy. Labels never change (clean
+  label). Marked images are stored losslessly as PNG **under their original file name**, so
+  the CSV's ``Path`` column stays byte-identical and the folder loads with the ordinary
+  preset (readers decode by content, not by extension). Known limit: the file signature of
+  a marked image (PNG among JPEGs) tells which images carry the mark; re-encode the whole
+  release as PNG yourself if that matters more than byte-identity (``docs/xmark.md``).
+* ``<run>/owner/`` -- ``generator.pt`` (G + the surrogate that gives its saliency),
+  ``secret.json`` (:mod:`watermark.xmark_kit`: target class, verification ids, τ, α, m,
+  marked ids, the clean-reference control), ``certificate.json`` (signed), the owner's
+  Ed25519 keys;
+* ``<run>/release.json`` -- public numbers: counts, PSNR/SSIM/L∞ of the stored marked
+  images against their sources, the control's ΔP/p (no ids).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: E402
+
+from datamodules.synthetic import MARKER_NAME  # noqa: E402
+from lightning_modules.xmark import mark_native, marker_sha256, quantise, query_pairs  # noqa: E402
+from watermark import certificates  # noqa: E402
+from watermark.xmark_kit import (  # noqa: E402
+    build_xmark_certificate,
+    build_xmark_secret,
+    folder_sha256,
+    write_xmark_certificate,
+    write_xmark_secret,
+)
+from watermark.xmark_stats import xmark_test  # noqa: E402
+
+log = logging.getLogger("medmark.xmark")
+
+
+def _show(ax, image: torch.Tensor, title: str, cmap: str = "gray", vmin: float = 0.0, vmax: float = 1.0) -> None:
+    array = image.float()
+    array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
+    ax.imshow(array.numpy(), cmap=cmap if array.ndim == 2 else None, vmin=vmin, vmax=vmax)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def xmark_panel_figure(panel: dict[str, Any]):
+    """Rows of x | saliency | δ (amplified to ±ε) | x_w for the module's ``xmark_panel``."""
+    n = len(panel["image"])
+    eps = float(panel["epsilon"]) or 1.0
+    fig, axes = plt.subplots(n, 4, figsize=(6.4, 1.7 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i, 0], panel["image"][i], f"x (y={int(panel['label'][i])})")
+        _show(axes[i, 1], panel["saliency"][i], "saliency s", "magma")
+        _show(axes[i, 2], panel["delta"][i][:1], f"δ (±{eps * 255:.0f}/255)", "seismic", -eps, eps)
+        _show(axes[i, 3], panel["marked"][i], "x_w")
+    fig.tight_layout()
+    return fig
+
+
+class XMarkPanels(Callback):
+    """Save (and log to W&B) the X-Mark panel every ``every_n_epochs`` validation epochs."""
+
+    def __init__(self, output_dir: str, every_n_epochs: int = 1):
+        self.output_dir = Path(output_dir)
+        self.every_n_epochs = int(every_n_epochs)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        panel = getattr(pl_module, "xmark_panel", None)
+        if panel is None or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        fig = xmark_panel_figure(panel)
+        path = self.output_dir / "figures" / f"xmark_panel_epoch{trainer.current_epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/xmark_panel", images=[str(path)], step=trainer.global_step)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+class XMarkRelease(Callback):
+    """Write the marked dataset and the owner kit when training ends (module docstring).
+
+    Args:
+        output_dir: the run folder (``release.json`` goes here).
+        release_dir: where the marked dataset is written (replaced if it exists).
+        owner_dir: the owner kit folder.
+        data: the run's data config (stored in the secret: it serves the verification images).
+        fraction: share of target-class training images marked (``method.mark_fraction``).
+        seed: draws which images are marked (secret).
+        verification: ``{split, num_images (m), seed}`` -- the m non-target images queried.
+        thresholds: ``{tau, alpha}``, pre-registered in the secret.
+        owner_id: certificate field.
+        private_key: owner's Ed25519 PEM; null = create ``<owner_dir>/owner_private_key.pem``.
+    """
+
+    def __init__(self, output_dir: str, release_dir: str, owner_dir: str, data: dict | DictConfig,
+                 fraction: float, seed: int, verification: dict | DictConfig, thresholds: dict | DictConfig,
+                 owner_id: str, private_key: str | None = None, batch_size: int = 64):
+        self.output_dir = Path(output_dir)
+        self.release_dir = Path(release_dir)
+        self.owner_dir = Path(owner_dir)
+        self.data = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
+        if not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"callbacks.xmark_release.fraction must be in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+        self.seed = int(seed)
+        self.verification = OmegaConf.to_container(verification, resolve=True) \
+            if isinstance(verification, DictConfig) else dict(verification)
+        self.thresholds = OmegaConf.to_container(thresholds, resolve=True) \
+            if isinstance(thresholds, DictConfig) else dict(thresholds)
+        self.owner_id = str(owner_id)
+        self.private_key = private_key
+        self.batch_size = int(batch_size)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _owner_keys(self):
+        public_path = self.owner_dir / "owner_public_key.pem"
+        private_path = Path(self.private_key) if self.private_key else self.owner_dir / "owner_private_key.pem"
+        if private_path.is_file():
+            from cryptography.hazmat.primitives import serialization
+
+            key = certificates.load_private_key(private_path)
+            public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+        elif self.private_key:
+            raise FileNotFoundError(f"callbacks.xmark_release.private_key: {private_path} does not exist")
+        else:
+            private_pem, public_pem = certificates.generate_owner_keys()
+            certificates.save_private_key(private_path, private_pem)
+            key = certificates.load_private_key(private_pem)
+        certificates.save_public_key(public_path, public_pem)
+        return key
+
+    def choose_marked(self, datamodule, target_class: int) -> list:
+        """The target-class training samples to mark: ``round(fraction · n)`` drawn with ``seed``."""
+        pool = [s for split in ("train", "val") for s in datamodule.splits.get(split, []) if s.label == target_class]
+        pool.sort(key=lambda s: s.id)
+        if not pool:
+            raise ValueError(f"no training image of the target class {target_class} to mark")
+        count = max(1, int(round(self.fraction * len(pool))))
+        order = np.random.default_rng(self.seed).permutation(len(pool))[:count]
+        return [pool[i] for i in sorted(order)]
+
+    def verification_set(self, datamodule, target_class: int) -> tuple[list[str], torch.Tensor]:
+        """m non-target ids of the verification split (drawn with the verification seed) and their images."""
+        split = self.verification["split"]
+        if split not in datamodule.splits:
+            raise ValueError(f"callbacks.xmark_release.verification.split={split!r} is not a split "
+                             f"({sorted(datamodule.splits)})")
+        dataset = datamodule.dataset(split, train_transforms=False)
+        candidates = sorted((s.id, i) for i, s in enumerate(dataset.samples) if s.label != target_class)
+        m = int(self.verification["num_images"])
+        if len(candidates) < 2:
+            raise ValueError(f"split {split!r} has {len(candidates)} non-target image(s); verification needs >= 2")
+        if len(candidates) < m:
+            log.warning("verification: split %r has only %d non-target images (asked for m=%d); using all",
+                        split, len(candidates), m)
+        rng = np.random.default_rng(int(self.verification["seed"]))
+        chosen = [candidates[i] for i in rng.permutation(len(candidates))[: min(m, len(candidates))]]
+        images = torch.stack([dataset[i]["image"] for _, i in chosen])
+        return [sid for sid, _ in chosen], images
+
+    def write_release(self, source: Path, samples: list, marker, channels: int) -> dict[str, Any]:
+        """Copy ``source`` to the release folder and overwrite ``samples`` with marked PNGs; quality stats."""
+        if self.release_dir.resolve() == source.resolve():
+            raise ValueError("callbacks.xmark_release.release_dir must differ from the source dataset folder")
+        if self.release_dir.exists():
+            shutil.rmtree(self.release_dir)
+        shutil.copytree(source, self.release_dir, ignore=shutil.ignore_patterns(MARKER_NAME))
+        psnr, ssim, linf = [], [], 0
+        for sample in samples:
+            path = Path(sample.image.path)
+            try:
+                relative = path.resolve().relative_to(source.resolve())
+            except ValueError:
+                raise ValueError(f"{path}: image is outside the dataset folder {source}; cannot release it") from None
+            with Image.open(path) as image:
+                pixels = np.asarray(image if image.mode in ("L", "RGB") else
+                                    image.convert("L" if channels == 1 else "RGB"))
+            marked = mark_native(marker, pixels, channels)
+            target = self.release_dir / relative
+            Image.fromarray(marked).save(target, format="PNG", optimize=False)
+            stored = np.asarray(Image.open(target))  # read back: the numbers are about the file
+            linf = max(linf, int(np.abs(stored.astype(np.int16) - pixels.astype(np.int16)).max()))
+            psnr.append(_psnr(stored, pixels))
+            a = torch.from_numpy(stored).float()[None, None] / 255
+            b = torch.from_numpy(pixels).float()[None, None] / 255
+            if a.ndim == 5:
+                a, b = a[0].permute(0, 3, 1, 2), b[0].permute(0, 3, 1, 2)
+            ssim.append(float(structural_similarity_index_measure(a, b, data_range=1.0)))
+        finite = [p for p in psnr if np.isfinite(p)]
+        return {"num_marked": len(samples), "psnr_mean": float(np.mean(finite)) if finite else None,
+                "psnr_min": float(np.min(finite)) if finite else None,
+                "ssim_mean": float(np.mean(ssim)) if ssim else None, "linf_255": linf,
+                "linf": linf / 255.0, "epsilon": marker.epsilon,
+                "linf_within_epsilon": bool(linf / 255.0 <= marker.epsilon)}
+
+    # -- the hook ---------------------------------------------------------------------------
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        started = time.time()
+        datamodule = trainer.datamodule
+        if datamodule is None or not getattr(datamodule, "splits", None):
+            raise RuntimeError("XMarkRelease needs the run's data module (its splits name the images)")
+        if not hasattr(pl_module, "marker"):
+            raise RuntimeError("XMarkRelease needs method=xmark (lightning_modules.xmark.XMarkModule)")
+        target = int(pl_module.target_class)
+        marker = pl_module.marker(int(datamodule.image_size))
+        self.owner_dir.mkdir(parents=True, exist_ok=True)
+        marker_file = marker.save(self.owner_dir / "generator.pt")
+        source = Path(datamodule.dataset_root())
+
+        samples = self.choose_marked(datamodule, target)
+        quality = self.write_release(source, samples, marker, int(datamodule.channels))
+
+        ids, images = self.verification_set(datamodule, target)
+        marked = quantise(marker.mark(images)["marked"])
+        control: dict[str, Any] = {}
+        tau, alpha = float(self.thresholds["tau"]), float(self.thresholds["alpha"])
+        for i, model in enumerate(copy.deepcopy(m).cpu().eval() for m in pl_module.clean_models()):
+            pairs = query_pairs(lambda x, model=model: torch.softmax(model(x), 1), images, marked, target)
+            control[f"reference_{i}"] = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha,
+                                                   pairs["pred_marked"], target)
+        proxy = copy.deepcopy(pl_module.model).cpu().eval()
+        pairs = query_pairs(lambda x: torch.softmax(proxy(x), 1), images, marked, target)
+        proxy_result = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
+
+        classes = list(datamodule.classes)
+        doc = build_xmark_secret(
+            target_class=target, classes=classes, marker_checkpoint=marker_file.name,
+            marker_sha256=marker_sha256(marker_file), image_size=marker.image_size, verification_ids=ids,
+            verification_split=self.verification["split"], verification_seed=int(self.verification["seed"]),
+            data_config=self.data, tau=tau, alpha=alpha,
+            release={"fraction": self.fraction, "marked_ids": [s.id for s in samples], "epsilon": marker.epsilon,
+                     "dataset": str(self.release_dir), "source": str(source)},
+            control=control,
+        )
+        write_xmark_secret(self.owner_dir / "secret.json", doc)
+        dataset = {"layout": getattr(datamodule, "layout", None), "files_sha256": folder_sha256(self.release_dir),
+                   "num_files": sum(1 for p in self.release_dir.rglob("*") if p.is_file())}
+        cert = build_xmark_certificate(self.owner_id, doc, marker_sha256(marker_file), dataset)
+        write_xmark_certificate(self.owner_dir / "certificate.json", cert, self._owner_keys())
+
+        target_pool = sum(1 for split in ("train", "val") for s in datamodule.splits.get(split, [])
+                          if s.label == target)
+        report = {
+            "release_dir": str(self.release_dir), "source": str(source), "owner_dir": str(self.owner_dir),
+            "target_class": target, "target_name": classes[target], "num_target_training_images": target_pool,
+            "fraction": self.fraction, **quality, "m": len(ids),
+            "control": {k: {n: v[n] for n in ("p_value", "delta_p", "wsr", "verified")} for k, v in control.items()},
+            "proxy": {n: proxy_result[n] for n in ("p_value", "delta_p", "wsr", "verified")},
+            "seconds": round(time.time() - started, 1),
+        }
+        (self.output_dir / "release.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"X-Mark release: {quality['num_marked']}/{target_pool} target-class training images marked "
+              f"(PSNR {quality['psnr_mean']:.2f} dB, L∞ {quality['linf_255']}/255 <= ε={marker.epsilon * 255:.2f}/255)"
+              f" -> {self.release_dir}; owner kit -> {self.owner_dir}; clean-reference control "
+              + ", ".join(f"{k}: ΔP={v['delta_p']:.3f} p={v['p_value']:.3g}" for k, v in control.items())
+              + f"; proxy Mal: ΔP={proxy_result['delta_p']:.3f} p={proxy_result['p_value']:.3g}", flush=True)

@@ -1,0 +1,521 @@
+"""MedLocker / MIAD-MARK: visible adversarial watermarks that mislead unauthorised diagnosis AI.
+
+``method=medlocker`` and ``method=miadmark`` (METHODS.md §3) share this module:
+
+* **fit** trains the surrogate exactly like ``method=task`` (the ``task_terms`` loss terms,
+  e.g. cross-entropy), unless ``surrogate_checkpoint`` gives a trained ``method=task``
+  checkpoint (then run with ``trainer.max_epochs=0``). The surrogate is ``self.model``.
+* **test** protects every test image. Per batch:
+
+  1. the lesion region, from the lesion masks (dilated bounding boxes, MedLocker) and/or
+     the surrogate's Grad-CAM thresholded at ``T/255`` (MIAD-MARK);
+  2. the placement ``(x, y, alpha)``: *white-box* -- Adam on a continuous translation
+     (``grid_sample``) and ``alpha = sigmoid(logit)`` minimising the loss terms
+     ``placement_terms`` (``-CE`` over the surrogate ensemble + lesion-overlap penalty),
+     several restarts, snapped to the nearest region-free integer position and
+     re-checked exactly; or *black-box* -- the basin-hopping evolution search
+     (:mod:`watermark.blackbox_search`) against the surrogate (or ``blackbox.suspect``)
+     seen only through its probabilities, counting queries;
+  3. MIAD-MARK only: δ by PGD, L∞ ``delta.epsilon``, confined to the mark's footprint;
+  4. the stored image: :func:`watermark.logo.render_protected` (uint8, bit-exact), then
+     the surrogate's prediction on *that* image, and on it after removal attempts
+     (median filter, JPEG, inpainting of the footprint).
+
+  Metrics are logged as ``test/...``; the per-image records (``self.records``) are
+  written to disk by :class:`callbacks.advmark.ProtectionExport` (protected images,
+  signed certificates, encrypted restore data, owner kit).
+
+Images are protected at the resolution they are served at, which must be their stored
+resolution (``data.image_size`` = the files' size): the stored protected PNG must
+differ from the stored original only on the mark. The export checks this bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+from lightning_modules.base import to_plain
+from lightning_modules.task import TaskModule
+from watermark.blackbox_search import QueryCounter, SearchConfig, blackbox_search, quantise
+from watermark.footprint_pgd import pgd_on_footprint
+from watermark.logo import composite, composite_soft, footprint, logo_mask, render_protected, render_qr_logo, \
+    render_text_logo
+from watermark.regions import allowed_positions, boxes_from_mask, region_from_boxes, region_from_saliency
+from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
+
+log = logging.getLogger("medmark.advmark")
+
+VARIANTS = ("medlocker", "miadmark")
+REGION_SOURCES = ("lesion_mask", "gradcam")
+
+
+class ClassifierLoadError(ValueError):
+    """A classifier checkpoint cannot be used; the message names the file and field."""
+
+
+def load_classifier_checkpoint(path: str | Path, factories: tuple[str, ...] = ("models.",)) -> tuple[nn.Module, dict]:
+    """Network + hyper-parameters of a medmark *classification* Lightning checkpoint (CPU, eval).
+
+    Reads with ``torch.load(weights_only=True)``; only ``_target_`` factories under
+    ``factories`` are instantiated (a checkpoint is foreign input).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClassifierLoadError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for foreign / corrupt files
+        raise ClassifierLoadError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ClassifierLoadError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    backbone = hparams.get("backbone")
+    if not isinstance(backbone, dict) or "_target_" not in backbone:
+        raise ClassifierLoadError(f"{path}: field 'hyper_parameters.backbone' is missing (not a medmark checkpoint)")
+    if not str(backbone["_target_"]).startswith(tuple(factories)):
+        raise ClassifierLoadError(f"{path}: field 'hyper_parameters.backbone._target_' = {backbone['_target_']!r} "
+                                  f"is not a trusted model factory ({', '.join(factories)})")
+    if hparams.get("task", "classification") != "classification":
+        raise ClassifierLoadError(f"{path}: field 'hyper_parameters.task' is {hparams.get('task')!r}, "
+                                  "expected a classification model")
+    config = copy.deepcopy(backbone)
+    config["weights_path"] = None  # the checkpoint's own weights replace any pretrained file
+    try:
+        model = instantiate(config)
+    except Exception as err:
+        raise ClassifierLoadError(f"{path}: cannot build hyper_parameters.backbone ({type(err).__name__}: {err})") \
+            from None
+    state = {k[len("model."):].replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ClassifierLoadError(f"{path}: field 'state_dict' does not fit its backbone: {str(err)[:300]}") from None
+    return model.eval(), hparams
+
+
+class ClassifierSuspect:
+    """``predict(images B×C×H×W in [0, 1]) -> softmax B×K`` of a classification checkpoint; counts queries."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", factories: tuple[str, ...] = ("models.",)):
+        self.path = Path(path)
+        self.model, self.hparams = load_classifier_checkpoint(self.path, tuple(factories))
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.queries = 0
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        self.model.eval()
+        self.queries += int(images.shape[0])
+        return torch.softmax(self.model(images.to(self.device, torch.float32)).float(), dim=1).cpu()
+
+
+def build_logo(spec: dict, image_size: int) -> np.ndarray:
+    """The RGBA mark (float32 ``h x w x 4`` in [0, 1]) for square images of side ``image_size``.
+
+    ``spec``: ``kind`` (qr | text), ``text``, ``size_fraction`` (logo height / image side),
+    ``rgb`` (mark colour), ``error_correction`` (QR).
+    """
+    size = max(4, int(round(float(spec["size_fraction"]) * image_size)))
+    if spec["kind"] == "qr":
+        return render_qr_logo(str(spec["text"]), size, error_correction=spec.get("error_correction", "L"),
+                              dark_rgb=tuple(spec["rgb"]))
+    if spec["kind"] == "text":
+        return render_text_logo(str(spec["text"]), size, rgb=tuple(spec["rgb"]))
+    raise ValueError(f"method.logo.kind must be 'qr' or 'text', got {spec['kind']!r}")
+
+
+def self_list(value, default: list[str]) -> list[str]:
+    return list(value) if value else list(default)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+def to_uint8_hwc(image: Tensor) -> np.ndarray:
+    """C×H×W float [0, 1] -> H×W×C uint8 by ``floor(v * 255 + 0.5)`` (exact for v = k / 255)."""
+    return np.floor(image.detach().double().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def from_uint8_hwc(array: np.ndarray) -> Tensor:
+    """H×W×C uint8 -> C×H×W float32 in [0, 1]."""
+    return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 255.0
+
+
+class AdvMarkModule(TaskModule):
+    """Surrogate training (fit) + visible adversarial protection of the test split (test).
+
+    Args:
+        variant: ``medlocker`` (mark only) or ``miadmark`` (mark + δ on its footprint).
+        logo: see :func:`build_logo`.
+        alpha_range: ``[min, max]`` opacity of the mark.
+        scale: logo scale (nearest neighbour) -- the logo size is set by ``logo.size_fraction``.
+        region: ``sources`` (subset of lesion_mask, gradcam), ``dilation_px`` (box margin),
+            ``threshold_255`` (Grad-CAM T), ``cam_dilation_px``.
+        search: ``whitebox`` or ``blackbox``.
+        placement: white-box ``restarts``, ``steps``, ``position_lr`` (px/step), ``alpha_lr``, ``seed``.
+        delta: ``epsilon`` (L∞, pixel units; 0 = off), ``steps``, ``step_size`` (null = auto).
+            Used only by ``miadmark`` with the white-box search.
+        blackbox: :class:`watermark.blackbox_search.SearchConfig` fields, plus ``suspect``
+            (a classification checkpoint queried instead of the surrogate; null = surrogate).
+        task_terms: loss terms that train the surrogate; placement_terms: the placement's.
+        surrogate_checkpoint: a trained ``method=task`` checkpoint loaded into ``self.model``.
+        ensemble_checkpoints: further surrogates (any architecture) in the white-box ensemble.
+        removal: ``median_k``, ``jpeg_quality``, ``inpaint_radius`` of the removal attempts.
+        **kwargs: :class:`TaskModule` arguments (must be ``task=classification``).
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        logo: dict,
+        alpha_range: list[float],
+        region: dict,
+        placement: dict,
+        delta: dict,
+        blackbox: dict,
+        removal: dict,
+        search: str = "whitebox",
+        scale: float = 1.0,
+        task_terms: list[str] | None = None,
+        placement_terms: list[str] | None = None,
+        surrogate_checkpoint: str | None = None,
+        ensemble_checkpoints: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        logo, alpha_range, region, placement, delta, blackbox, removal = (
+            to_plain(v) for v in (logo, alpha_range, region, placement, delta, blackbox, removal))
+        task_terms, placement_terms, ensemble_checkpoints = (
+            to_plain(v) for v in (task_terms, placement_terms, ensemble_checkpoints))
+        if self.task != "classification":
+            raise ValueError("method.task must be classification for MedLocker / MIAD-MARK")
+        if variant not in VARIANTS:
+            raise ValueError(f"method.variant must be one of {VARIANTS}, got {variant!r}")
+        if search not in ("whitebox", "blackbox"):
+            raise ValueError(f"method.search must be 'whitebox' or 'blackbox', got {search!r}")
+        bad = set(region.get("sources", [])) - set(REGION_SOURCES)
+        if not region.get("sources") or bad:
+            raise ValueError(f"method.region.sources must be a non-empty subset of {REGION_SOURCES}, got "
+                             f"{region.get('sources')}")
+        lo, hi = (float(v) for v in alpha_range)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"method.alpha_range must satisfy 0 < min <= max <= 1, got {alpha_range}")
+        self.task_terms = list(task_terms or ["ce"])
+        self.placement_terms = list(placement_terms or ["adversarial", "overlap"])
+        for name in self.task_terms + self.placement_terms:
+            if name not in self.loss_terms:
+                raise ValueError(f"loss term {name!r} (method.task_terms / placement_terms) is not in the loss "
+                                 f"config ({sorted(self.loss_terms)})")
+        self.save_hyperparameters({
+            "variant": variant, "logo": dict(logo), "alpha_range": [lo, hi], "region": dict(region),
+            "placement": dict(placement), "delta": dict(delta), "blackbox": dict(blackbox), "removal": dict(removal),
+            "search": search, "scale": float(scale), "task_terms": self_list(task_terms, ["ce"]),
+            "placement_terms": self_list(placement_terms, ["adversarial", "overlap"]),
+            "surrogate_checkpoint": surrogate_checkpoint, "ensemble_checkpoints": list(ensemble_checkpoints or []),
+        })
+        self.variant = variant
+        self.search = search
+        self.logo_spec = dict(logo)
+        self.alpha_range = (lo, hi)
+        self.logo_scale = float(scale)
+        self.region_cfg = dict(region)
+        self.placement_cfg = dict(placement)
+        self.delta_cfg = dict(delta)
+        self.blackbox_cfg = dict(blackbox)
+        self.removal_cfg = dict(removal)
+        self.ensemble: list[nn.Module] = []  # not submodules: never saved in this module's checkpoint
+        self.ensemble_paths = list(ensemble_checkpoints or [])
+        self.records: list[dict] = []
+        self._logo_cache: dict[int, np.ndarray] = {}
+        self._blackbox_oracle: ClassifierSuspect | None = None
+        if surrogate_checkpoint:
+            surrogate, _ = load_classifier_checkpoint(surrogate_checkpoint)
+            try:
+                self.model.load_state_dict(surrogate.state_dict(), strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"method.surrogate_checkpoint={surrogate_checkpoint}: its network does not match "
+                                 f"the backbone config ({str(err)[:200]})") from None
+            log.info("surrogate loaded from %s", surrogate_checkpoint)
+
+    # -- surrogate training: only the task terms ----------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.compute_loss(self.model_outputs(batch), batch, "train", terms=self.task_terms)
+
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        outputs = self.model_outputs(batch)
+        self.compute_loss(outputs, batch, stage, terms=self.task_terms)
+        probs = self.logits_to_probs(outputs["logits"].float())
+        self.val_metrics.update(probs, batch["label"])
+        self.log_dict(self.val_metrics, on_step=False, on_epoch=True, batch_size=len(probs))
+        if batch_idx == 0:
+            n = self.hparams.panel_size
+            self.panel = {"image": batch["image"][:n].detach().cpu(), "probs": probs[:n].detach().cpu(),
+                          "target": batch["label"][:n].detach().cpu(), "id": list(batch["id"][:n])}
+
+    # -- protection ----------------------------------------------------------------------------------
+    def logo_for(self, image_size: int) -> np.ndarray:
+        if image_size not in self._logo_cache:
+            self._logo_cache[image_size] = build_logo(self.logo_spec, image_size)
+        return self._logo_cache[image_size]
+
+    def on_test_start(self) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            raise ValueError("protection (trainer.test) runs on one process: the export needs every image's record; "
+                             "train the surrogate with DDP, then protect with trainer.devices=1")
+        self.records = []
+        self.ensemble = []
+        for path in self.ensemble_paths:
+            model, _ = load_classifier_checkpoint(path)
+            self.ensemble.append(model.to(self.device).eval())
+        suspect = self.blackbox_cfg.get("suspect")
+        self._blackbox_oracle = ClassifierSuspect(suspect, self.device) if self.search == "blackbox" and suspect \
+            else None
+
+    def surrogates(self) -> list[nn.Module]:
+        return [self.model] + self.ensemble
+
+    def ensemble_logits(self, images: Tensor) -> list[Tensor]:
+        return [m(images) for m in self.surrogates()]
+
+    def lesion_regions(self, batch: dict[str, Any]) -> tuple[np.ndarray, list[int | None]]:
+        """Bool B×H×W lesion regions (union of the configured sources) and the CAM threshold used."""
+        images = batch["image"]
+        B, _, H, W = images.shape
+        region = np.zeros((B, H, W), dtype=bool)
+        sources = self.region_cfg["sources"]
+        thresholds: list[int | None] = [None] * B
+        if "lesion_mask" in sources:
+            if "lesion_mask" not in batch:
+                raise ValueError("method.region.sources includes lesion_mask but the data has no lesion masks "
+                                 "(use sources: [gradcam], i.e. MIAD-MARK's Grad-CAM region)")
+            has = batch.get("has_lesion_mask", torch.ones(B, dtype=torch.bool))
+            for b in range(B):
+                if not bool(has[b]):
+                    if "gradcam" not in sources:
+                        raise ValueError(f"image {batch['id'][b]} has no lesion annotation; an unannotated image "
+                                         "is not known to be lesion-free (add gradcam to method.region.sources)")
+                    continue
+                boxes = boxes_from_mask(batch["lesion_mask"][b, 0].cpu().numpy() > 0.5,
+                                        int(self.region_cfg.get("dilation_px", 0)))
+                region[b] |= region_from_boxes(boxes, H, W)
+        if "gradcam" in sources:
+            cams = self.gradcam(images, batch["label"])
+            t = int(self.region_cfg["threshold_255"])
+            for b in range(B):
+                region[b] |= region_from_saliency(cams[b], t, int(self.region_cfg.get("cam_dilation_px", 0)))
+                thresholds[b] = t
+        return region, thresholds
+
+    def gradcam(self, images: Tensor, labels: Tensor) -> np.ndarray:
+        """Grad-CAM of the surrogate for the true class, B×H×W float in [0, 1] (grad-cam package)."""
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        from watermark.saliency import default_target_layer
+
+        modes = {m: m.training for m in self.model.modules()}
+        cam = GradCAM(model=self.model, target_layers=[default_target_layer(self.model)])
+        try:
+            with torch.enable_grad():
+                maps = cam(input_tensor=images.detach(), targets=[ClassifierOutputTarget(int(y)) for y in labels])
+        finally:
+            cam.activations_and_grads.release()
+            for m, training in modes.items():
+                m.training = training
+        maps = np.nan_to_num(np.asarray(maps, dtype=np.float64))
+        return np.clip(maps, 0.0, 1.0)
+
+    def _nearest_allowed(self, allowed: np.ndarray, x: float, y: float) -> tuple[int, int]:
+        coords = np.argwhere(allowed)
+        i = int(((coords - np.array([y, x])) ** 2).sum(1).argmin())
+        return int(coords[i, 1]), int(coords[i, 0])
+
+    def _per_image_terms(self, outputs: dict, batch: dict) -> Tensor:
+        total = 0.0
+        for name in self.placement_terms:
+            term = self.loss_terms[name]
+            if term.weight != 0.0:
+                total = total + term.weight * term.per_image(outputs, batch)
+        return total
+
+    def soft_footprint(self, logo: np.ndarray, B: int, H: int, W: int, tx, ty, z) -> Tensor:
+        """``alpha * A`` of the translated logo, B×1×H×W (differentiable)."""
+        white = logo.copy()
+        white[..., :3] = 1.0
+        zeros = torch.zeros(B, 1, H, W, device=self.device)
+        return composite_soft(zeros, white, tx, ty, z, self.logo_scale)
+
+    def place_whitebox(self, images: Tensor, labels: Tensor, region: np.ndarray, allowed: list[np.ndarray],
+                       logo: np.ndarray) -> list[dict]:
+        """Optimise ``(x, y, alpha)`` per image; returns one dict per image (x, y, alpha, score)."""
+        cfg = self.placement_cfg
+        B, _, H, W = images.shape
+        lo, hi = self.alpha_range
+        zlo, zhi = _logit(lo), _logit(hi)
+        rng = np.random.default_rng(int(cfg.get("seed", 0)))
+        batch = {"label": labels, "lesion_region": torch.from_numpy(region).unsqueeze(1).to(self.device)}
+        best: list[dict | None] = [None] * B
+        for _restart in range(int(cfg["restarts"])):
+            starts = [np.argwhere(a)[rng.integers(0, int(a.sum()))] for a in allowed]
+            tx = torch.tensor([float(s[1]) for s in starts], device=self.device, requires_grad=True)
+            ty = torch.tensor([float(s[0]) for s in starts], device=self.device, requires_grad=True)
+            z = torch.full((B,), _logit((lo + hi) / 2), device=self.device, requires_grad=True)
+            opt = torch.optim.Adam([{"params": [tx, ty], "lr": float(cfg["position_lr"])},
+                                    {"params": [z], "lr": float(cfg["alpha_lr"])}])
+            with torch.enable_grad():
+                for _step in range(int(cfg["steps"])):
+                    opt.zero_grad()
+                    marked = composite_soft(images, logo, tx, ty, z, self.logo_scale)
+                    outputs = {"ensemble_logits": self.ensemble_logits(marked),
+                               "soft_footprint": self.soft_footprint(logo, B, H, W, tx, ty, z)}
+                    self._per_image_terms(outputs, batch).sum().backward()
+                    opt.step()
+                    with torch.no_grad():
+                        z.clamp_(zlo, zhi)
+                        tx.clamp_(-logo.shape[1] / 2, W - logo.shape[1] / 2)
+                        ty.clamp_(-logo.shape[0] / 2, H - logo.shape[0] / 2)
+            # snap to the nearest region-free integer position, re-check exactly (uint8 grid)
+            snapped = [self._nearest_allowed(allowed[b], float(tx[b]), float(ty[b])) for b in range(B)]
+            alphas = [round(float(torch.sigmoid(z[b])), 4) for b in range(B)]
+            with torch.no_grad():
+                exact = quantise(composite(images, logo, [s[0] for s in snapped], [s[1] for s in snapped], alphas,
+                                           self.logo_scale))
+                logits = self.ensemble_logits(exact)
+                ce = torch.stack([F.cross_entropy(lg.float(), labels, reduction="none") for lg in logits]).mean(0)
+                fooled = logits[0].argmax(1) != labels
+            for b in range(B):
+                score = (bool(fooled[b]), float(ce[b]))
+                if best[b] is None or score > best[b]["score"]:
+                    best[b] = {"x": snapped[b][0], "y": snapped[b][1], "alpha": alphas[b], "score": score}
+        return best  # type: ignore[return-value]
+
+    def place_blackbox(self, images: Tensor, labels: Tensor, allowed: list[np.ndarray],
+                       logo: np.ndarray) -> list[dict]:
+        predict = self._blackbox_oracle.predict if self._blackbox_oracle is not None else \
+            (lambda x: torch.softmax(self.model(x.to(self.device)).float(), 1))
+        fields = {k: v for k, v in self.blackbox_cfg.items() if k != "suspect"}
+        fields["alpha_range"] = tuple(self.alpha_range)
+        out = []
+        for b in range(images.shape[0]):
+            config = SearchConfig(**{**fields, "seed": int(fields.get("seed", 0)) + len(self.records) + b})
+            counter = QueryCounter(predict)
+            res = blackbox_search(counter, images[b], int(labels[b]), logo, allowed[b], config, self.logo_scale)
+            out.append({"x": res.x, "y": res.y, "alpha": round(res.alpha, 4), "queries": res.queries,
+                        "blackbox_success": res.success})
+        return out
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images, labels, ids = batch["image"], batch["label"], list(batch["id"])
+        B, C, H, W = images.shape
+        if H != W:
+            raise ValueError(f"MedLocker/MIAD-MARK expects square images (data.image_size), got {H}x{W}")
+        logo = self.logo_for(H)
+        mask = logo_mask(logo, self.logo_scale)
+        region, thresholds = self.lesion_regions(batch)
+        allowed = [allowed_positions(region[b], mask) for b in range(B)]
+        room = [bool(a.any()) for a in allowed]
+        todo = [b for b in range(B) if room[b]]
+        placements: list[dict | None] = [None] * B
+        if todo:
+            sub = torch.tensor(todo, device=images.device)
+            found = (self.place_whitebox(images[sub], labels[sub], region[todo], [allowed[b] for b in todo], logo)
+                     if self.search == "whitebox" else
+                     self.place_blackbox(images[sub], labels[sub], [allowed[b] for b in todo], logo))
+            for b, p in zip(todo, found):
+                placements[b] = p
+        use_delta = self.variant == "miadmark" and self.search == "whitebox" and float(self.delta_cfg["epsilon"]) > 0
+        deltas: dict[int, np.ndarray] = {}
+        if use_delta and todo:
+            sub = torch.tensor(todo, device=images.device)
+            marked = composite(images[sub], logo, [placements[b]["x"] for b in todo],
+                               [placements[b]["y"] for b in todo], [placements[b]["alpha"] for b in todo],
+                               self.logo_scale)
+            fps = torch.from_numpy(np.stack([footprint(H, W, logo, placements[b]["x"], placements[b]["y"],
+                                                       self.logo_scale) for b in todo])).to(images.device)
+
+            def loss_fn(x: Tensor) -> Tensor:
+                return torch.stack([F.cross_entropy(lg.float(), labels[sub], reduction="none")
+                                    for lg in self.ensemble_logits(x)]).mean(0)
+
+            gen = torch.Generator().manual_seed(int(self.placement_cfg.get("seed", 0)) + batch_idx)
+            delta = pgd_on_footprint(loss_fn, marked, fps, float(self.delta_cfg["epsilon"]),
+                                     int(self.delta_cfg["steps"]), self.delta_cfg.get("step_size"), generator=gen)
+            for j, b in enumerate(todo):
+                deltas[b] = delta[j].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+
+        originals = [to_uint8_hwc(images[b]) for b in range(B)]
+        protected, fps_all = [], []
+        for b in range(B):
+            p = placements[b]
+            if p is None:
+                protected.append(originals[b].copy())
+                fps_all.append(np.zeros((H, W), dtype=bool))
+                continue
+            protected.append(render_protected(originals[b], logo, p["x"], p["y"], p["alpha"], self.logo_scale,
+                                              deltas.get(b)))
+            fps_all.append(footprint(H, W, logo, p["x"], p["y"], self.logo_scale))
+        prot_t = torch.stack([from_uint8_hwc(a) for a in protected]).to(images.device)
+        fp_t = torch.from_numpy(np.stack(fps_all))
+        views = {
+            "clean": images,
+            "protected": prot_t,
+            "median": median_filter(prot_t, int(self.removal_cfg["median_k"])),
+            "jpeg": jpeg(prot_t, int(self.removal_cfg["jpeg_quality"])),
+            "inpaint": inpaint_footprint(prot_t, fp_t, int(self.removal_cfg["inpaint_radius"])),
+        }
+        preds = {name: self.model(v).argmax(1) for name, v in views.items()}
+        lesion = batch["lesion_mask"][:, 0].cpu().numpy() > 0.5 if "lesion_mask" in batch else np.zeros((B, H, W), bool)
+        for b in range(B):
+            p = placements[b]
+            diff = np.abs(protected[b].astype(np.int16) - originals[b].astype(np.int16)).max(axis=2)
+            mse = float(((protected[b].astype(np.float64) - originals[b]) ** 2).mean())
+            self.records.append({
+                "id": ids[b], "label": int(labels[b]), "protected_ok": p is not None,
+                "x": None if p is None else int(p["x"]), "y": None if p is None else int(p["y"]),
+                "alpha": None if p is None else float(p["alpha"]), "scale": self.logo_scale,
+                "threshold": thresholds[b], "delta": deltas.get(b), "original": originals[b],
+                "protected": protected[b], "footprint": fps_all[b], "region": region[b],
+                "queries": None if p is None else p.get("queries"),
+                "overlap_px": int((fps_all[b] & region[b]).sum()),
+                "lesion_max_change": int(diff[lesion[b]].max()) if lesion[b].any() else 0,
+                "psnr": float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse),
+                **{f"pred_{k}": int(v[b]) for k, v in preds.items()},
+            })
+        n = float(B)
+        for name, pred in preds.items():
+            self.log(f"test/acc_{name}", (pred == labels).float().mean(), batch_size=B)
+        self.log("test/success_rate", (preds["protected"] != labels).float().mean(), batch_size=B)
+        self.log("test/protected_fraction", sum(room) / n, batch_size=B)
+        done = [b for b in range(B) if placements[b] is not None]
+        if done:
+            k = len(done)
+            self.log("test/alpha", sum(placements[b]["alpha"] for b in done) / k, batch_size=k)
+            self.log("test/overlap_px", float(sum(self.records[-B + b]["overlap_px"] for b in done)), batch_size=k,
+                     reduce_fx="sum")
+            self.log("test/lesion_max_change", float(max(self.records[-B + b]["lesion_max_change"] for b in done)),
+                     batch_size=k, reduce_fx="max")
+            psnrs = [self.records[-B + b]["psnr"] for b in done if math.isfinite(self.records[-B + b]["psnr"])]
+            if psnrs:
+                self.log("test/psnr", sum(psnrs) / len(psnrs), batch_size=len(psnrs))
+            if self.search == "blackbox":
+                self.log("test/queries_per_image", sum(placements[b]["queries"] for b in done) / k, batch_size=k)
+        if batch_idx == 0:
+            n_panel = min(int(self.hparams.panel_size), B)
+            self.panel = {"original": images[:n_panel].cpu(), "protected": prot_t[:n_panel].cpu(),
+                          "region": torch.from_numpy(region[:n_panel]), "id": ids[:n_panel],
+                          "label": labels[:n_panel].cpu(), "pred_clean": preds["clean"][:n_panel].cpu(),
+                          "pred_protected": preds["protected"][:n_panel].cpu()}

@@ -1,0 +1,553 @@
+"""X-Mark generator training (``method=xmark``, METHODS.md §2, step 3) and the marker it releases.
+
+Three kinds of network live in :class:`XMarkModule`:
+
+* ``generator`` -- :class:`models.generator.ConditionalUNetGenerator` G(x, s): the only thing
+  X-Mark releases (as ``owner/generator.pt``, via :class:`XMarkMarker`);
+* ``model`` -- the *proxy Mal model* (built from the ``backbone`` config): a classifier
+  trained, with clean labels, on the currently marked training set (a fraction
+  ``mark_fraction`` of the target-class images replaced by G's output), so it learns what a
+  thief's model would learn from the released data. The targeted term is computed on it
+  (first-order bilevel scheme: ``proxy_steps`` proxy updates per generator update);
+* ``surrogate`` and ``references`` -- frozen *clean* classifiers. The surrogate gives the
+  EigenCAM saliency s (cached on disk, :class:`watermark.saliency.SaliencyCache`) and, with
+  the references, the Ind-M suppression term (marked non-target images must stay correctly
+  classified by clean models: a mark that fools clean models is an adversarial
+  perturbation, not a watermark) and the untargeted term (marked target-class images lose
+  their natural evidence). The surrogate comes from ``surrogate_checkpoint`` (a
+  ``method=task`` run) or, when that is null, is trained here on clean batches during the
+  first ``warmup_steps`` and then frozen.
+
+Training step (manual optimisation, two optimisers):
+
+1. iterations < ``warmup_steps``: the proxy (and an inline surrogate) take a CE step on the
+   clean batch; G is not updated.
+2. afterwards: s = EigenCAM(surrogate, x); the proxy takes a CE step on the marked batch
+   (target-class rows replaced by x_w with probability ``mark_fraction``; optionally randomly
+   rescaled); every ``proxy_steps`` iterations G takes a step on the generator terms of the
+   ``loss`` group (all terms not in ``proxy_terms``), which read:
+
+   ``marked`` / ``delta`` (B×C×H×W), ``marked_logits`` (proxy on x_w), ``rescaled_marked_logits``
+   (proxy on randomly down/up-sampled x_w), ``surrogate_marked_logits``,
+   ``reference_marked_logits`` (list: surrogate + references on x_w).
+
+Logged: every term (``train/loss/<name>`` for G, ``train_proxy/loss/<name>`` for the proxy),
+and per validation epoch: the proxy's task metrics on clean images (``val/balanced_accuracy``
+= benign accuracy of a Mal-like model), ``val/wsr_proxy``, ``val/wsr_surrogate``,
+``val/wsr_references`` (max over clean models), ``val/delta_p_proxy``,
+``val/delta_p_surrogate``, image quality ``val/psnr``, ``val/ssim`` (torchmetrics) and
+``val/lpips`` (when an ``lpips`` term is configured), ``val/linf`` (max |x_w − x|) and
+``val/xmark_score`` = wsr_proxy − wsr_references (checkpoint selection). WSR = share of
+marked non-target images classified as y_t.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from lightning_modules.base import to_plain
+from lightning_modules.suspect import SuspectError, build_suspect_model
+from lightning_modules.task import TaskModule
+from losses.xmark import LPIPSTerm, random_rescale
+from models.generator import ConditionalUNetGenerator
+from watermark.saliency import SaliencyCache, default_target_layer, eigencam_saliency
+
+log = logging.getLogger("medmark.xmark")
+
+MARKER_FORMAT = "medmark-xmark-marker"
+MARKER_VERSION = 1
+
+
+class MarkerError(ValueError):
+    """A marker (generator) file cannot be used; the message names the file and field."""
+
+
+# ------------------------------------------------------------------------------------ marker
+
+
+class XMarkMarker(nn.Module):
+    """What the owner keeps to mark images and to verify: G plus the surrogate that gives s.
+
+    ``mark(images)``: images B×C×H×W float in [0, 1] (at the generator's ``image_size``)
+    -> dict ``saliency`` B×1×H×W in [0, 1], ``delta`` B×C×H×W in [−ε, ε], ``marked``
+    B×C×H×W in [0, 1] (``clip(x + δ)``). Deterministic: GroupNorm generator, eval surrogate.
+
+    Saved by :meth:`save` as one ``torch.save`` dict of plain tensors/containers (read back
+    with ``weights_only=True``): generator config + state, surrogate backbone config + state.
+    """
+
+    def __init__(self, generator: ConditionalUNetGenerator, surrogate: nn.Module | None,
+                 generator_config: dict, surrogate_config: dict | None, image_size: int,
+                 sign_correction: bool = True) -> None:
+        super().__init__()
+        if generator.saliency_channels and surrogate is None:
+            raise ValueError("a saliency-conditioned generator needs its surrogate")
+        self.generator = generator.eval()
+        self.surrogate = surrogate.eval() if surrogate is not None else None
+        self.generator_config = dict(generator_config)
+        self.surrogate_config = dict(surrogate_config) if surrogate_config is not None else None
+        self.image_size = int(image_size)
+        self.sign_correction = bool(sign_correction)
+
+    @property
+    def epsilon(self) -> float:
+        return self.generator.epsilon
+
+    @torch.no_grad()
+    def saliency(self, images: Tensor) -> Tensor | None:
+        """EigenCAM of the surrogate's last conv block, B×1×H×W in [0, 1] (None if unconditioned)."""
+        if not self.generator.saliency_channels:
+            return None
+        return eigencam_saliency(self.surrogate, default_target_layer(self.surrogate), images, self.sign_correction)
+
+    @torch.no_grad()
+    def mark(self, images: Tensor, saliency: Tensor | None = None) -> dict[str, Tensor]:
+        self.eval()
+        if saliency is None:
+            saliency = self.saliency(images)
+        out = self.generator(images, saliency)
+        return {"saliency": saliency if saliency is not None else torch.zeros_like(images[:, :1]),
+                "delta": out["delta"], "marked": out["marked"]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the marker file; returns its path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bundle = {
+            "format": MARKER_FORMAT,
+            "version": MARKER_VERSION,
+            "image_size": self.image_size,
+            "sign_correction": self.sign_correction,
+            "generator_config": self.generator_config,
+            "generator_state": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()},
+            "surrogate_config": self.surrogate_config,
+            "surrogate_state": None if self.surrogate is None else
+            {k: v.detach().cpu() for k, v in self.surrogate.state_dict().items()},
+        }
+        buffer = io.BytesIO()
+        torch.save(bundle, buffer)
+        path.write_bytes(buffer.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, factories: tuple[str, ...] = ("models.",)) -> "XMarkMarker":
+        """Read a marker file written by :meth:`save`.
+
+        Raises:
+            MarkerError: missing/corrupt file, wrong format, an untrusted surrogate factory, or
+                weights that do not fit their config (all named).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise MarkerError(f"{path}: marker (generator) file not found")
+        try:
+            bundle = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for foreign / corrupt files
+            raise MarkerError(f"{path}: not a readable marker file ({type(err).__name__})") from None
+        if not isinstance(bundle, dict) or bundle.get("format") != MARKER_FORMAT:
+            raise MarkerError(f"{path}: field 'format' must be {MARKER_FORMAT!r} (an X-Mark owner/generator.pt)")
+        if bundle.get("version") != MARKER_VERSION:
+            raise MarkerError(f"{path}: field 'version' {bundle.get('version')!r} is not supported")
+        try:
+            generator = ConditionalUNetGenerator(**bundle["generator_config"])
+            generator.load_state_dict(bundle["generator_state"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as err:
+            raise MarkerError(f"{path}: field 'generator_state' does not fit 'generator_config' "
+                              f"({type(err).__name__}: {str(err)[:300]})") from None
+        surrogate = None
+        config = bundle.get("surrogate_config")
+        if config is not None:
+            target = str(config.get("_target_", ""))
+            if not target.startswith(tuple(factories)):
+                raise MarkerError(f"{path}: field 'surrogate_config._target_' = {target!r} is not a trusted model "
+                                  f"factory ({', '.join(p + '*' for p in factories)})")
+            try:
+                surrogate = instantiate(_no_pretrained(config))
+                surrogate.load_state_dict(bundle["surrogate_state"])
+            except Exception as err:
+                raise MarkerError(f"{path}: field 'surrogate_state' does not fit 'surrogate_config' "
+                                  f"({type(err).__name__}: {str(err)[:300]})") from None
+        try:
+            return cls(generator, surrogate, bundle["generator_config"], config, bundle["image_size"],
+                       bool(bundle.get("sign_correction", True)))
+        except (KeyError, ValueError) as err:
+            raise MarkerError(f"{path}: {err}") from None
+
+
+def _no_pretrained(config: dict) -> dict:
+    """A backbone config that never reads pretrained weights (the state dict follows)."""
+    config = copy.deepcopy(dict(config))
+    for name in ("weights_path", "encoder_weights", "encoder_weights_path", "checkpoint"):
+        if name in config:
+            config[name] = None
+    if "allow_random_init" in config:
+        config["allow_random_init"] = True
+    return config
+
+
+def quantise(images: Tensor) -> Tensor:
+    """Round [0, 1] pixels to the 8-bit grid a PNG stores (B×C×H×W -> same, multiples of 1/255)."""
+    return torch.round(images.clamp(0, 1) * 255) / 255
+
+
+# ------------------------------------------------------------------------------------ module
+
+
+class XMarkModule(TaskModule):
+    """X-Mark generator training; see the module docstring.
+
+    Args:
+        generator: :class:`ConditionalUNetGenerator` arguments (``in_channels``, ``base_width``,
+            ``depth``, ``epsilon``, ``gate_with_saliency``, ``saliency_channels``).
+        generator_optimizer: optimiser config (without ``params``) of G.
+        target_class: y_t, index into ``data.classes``.
+        mark_fraction: probability that a target-class training image is marked (= the share
+            the release marks).
+        proxy_steps: proxy updates per generator update (after warm-up).
+        warmup_steps: iterations of clean proxy (and inline surrogate) training before G learns.
+        proxy_terms: names of the ``loss`` terms that train the proxy (the rest train G).
+        proxy_rescale: probability of randomly rescaling a proxy training batch (scale robustness).
+        rescale_range: (low, high) factor range of :func:`random_rescale`.
+        surrogate_checkpoint: a ``method=task`` classification checkpoint; null = train inline.
+        surrogate_backbone: backbone config of an inline surrogate (default: ``backbone``).
+        reference_checkpoints: further clean classification checkpoints for Ind-M suppression.
+        saliency_cache_dir: folder of the EigenCAM cache (null = compute without caching).
+        sign_correction: EigenCAM sign correction.
+        **kwargs: :class:`TaskModule` arguments (``task``, ``num_classes``, ``backbone``, ``loss``,
+            ``optimizer`` of the proxy, ...).
+    """
+
+    def __init__(
+        self,
+        generator: dict,
+        target_class: int = 1,
+        generator_optimizer: dict | None = None,
+        mark_fraction: float = 0.8,
+        proxy_steps: int = 4,
+        warmup_steps: int = 100,
+        proxy_terms: list[str] | tuple[str, ...] = ("ce",),
+        proxy_rescale: float = 0.5,
+        rescale_range: tuple[float, float] | list[float] = (0.5, 1.0),
+        surrogate_checkpoint: str | None = None,
+        surrogate_backbone: dict | None = None,
+        reference_checkpoints: list[str] | tuple[str, ...] = (),
+        saliency_cache_dir: str | None = None,
+        sign_correction: bool = True,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("task", "classification")
+        super().__init__(**kwargs)
+        if self.task != "classification":
+            raise ValueError("method=xmark watermarks classification datasets (data.task=classification)")
+        if not 0 <= int(target_class) < self.num_classes:
+            raise ValueError(f"method.target_class={target_class} is not a class index (0..{self.num_classes - 1})")
+        if not 0.0 < float(mark_fraction) <= 1.0:
+            raise ValueError(f"method.mark_fraction must be in (0, 1], got {mark_fraction}")
+        if int(proxy_steps) < 1 or int(warmup_steps) < 0:
+            raise ValueError(f"method.proxy_steps must be >= 1 and warmup_steps >= 0, got {proxy_steps}, {warmup_steps}")
+        generator = dict(to_plain(generator))
+        unknown = [n for n in proxy_terms if n not in self.loss_terms]
+        if unknown:
+            raise ValueError(f"method.proxy_terms names {unknown}, which are not in the loss group "
+                             f"({sorted(self.loss_terms)})")
+        self.generator_terms = [n for n in self.loss_terms if n not in proxy_terms]
+        if not self.generator_terms:
+            raise ValueError("no generator loss terms: the loss group holds only method.proxy_terms")
+        self.save_hyperparameters({
+            "generator": generator, "target_class": int(target_class),
+            "generator_optimizer": to_plain(generator_optimizer) or {"_target_": "torch.optim.Adam", "lr": 1e-3},
+            "mark_fraction": float(mark_fraction), "proxy_steps": int(proxy_steps),
+            "warmup_steps": int(warmup_steps), "proxy_terms": list(proxy_terms),
+            "proxy_rescale": float(proxy_rescale), "rescale_range": [float(v) for v in rescale_range],
+            "surrogate_checkpoint": surrogate_checkpoint,
+            "surrogate_backbone": to_plain(surrogate_backbone), "reference_checkpoints": list(reference_checkpoints),
+            "saliency_cache_dir": saliency_cache_dir, "sign_correction": bool(sign_correction),
+        })
+        self.automatic_optimization = False
+        self.target_class = int(target_class)
+        self.generator = ConditionalUNetGenerator(**generator)
+
+        if surrogate_checkpoint:
+            self.surrogate, surrogate_hparams = self._load_clean_model(surrogate_checkpoint, "surrogate_checkpoint")
+            self.surrogate_config = surrogate_hparams["backbone"]
+            self.inline_surrogate = False
+        else:
+            self.surrogate_config = to_plain(surrogate_backbone) or copy.deepcopy(self.hparams.backbone)
+            self.surrogate = instantiate(self.surrogate_config)
+            self.inline_surrogate = True
+        self.references = nn.ModuleList(
+            self._load_clean_model(p, f"reference_checkpoints[{i}]")[0] for i, p in enumerate(reference_checkpoints)
+        )
+        self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
+        self._saliency_cache: SaliencyCache | None = None
+        self.xmark_panel: dict[str, Any] | None = None
+
+    def _load_clean_model(self, path: str, field: str) -> tuple[nn.Module, dict]:
+        try:
+            model, hparams = build_suspect_model(path, task="classification")
+        except SuspectError as err:
+            raise ValueError(f"method.{field}: {err}") from None
+        if int(getattr(model, "num_classes", self.num_classes)) != self.num_classes:
+            raise ValueError(f"method.{field}: {path} has {model.num_classes} classes, data.classes has {self.num_classes}")
+        return model.eval().requires_grad_(False), hparams
+
+    # -- frozen models & saliency -------------------------------------------------------------
+    @property
+    def warming_up(self) -> bool:
+        return int(self.iterations) < self.hparams.warmup_steps
+
+    def clean_models(self) -> list[nn.Module]:
+        """The frozen clean classifiers of the suppression terms: surrogate + references."""
+        return [self.surrogate, *self.references]
+
+    def _freeze_clean_models(self) -> None:
+        for model in self.clean_models():
+            model.eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        if not self.inline_surrogate or not self.warming_up:
+            self._freeze_clean_models()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen models stay in eval mode (BatchNorm statistics fixed); an inline surrogate
+        # trains during warm-up only.
+        for model in self.references:
+            model.eval()
+        if not (mode and self.inline_surrogate and self.warming_up):
+            self.surrogate.eval()
+        return self
+
+    def saliency(self, images: Tensor, ids: list[str] | None = None) -> Tensor | None:
+        """EigenCAM maps B×1×H×W of the surrogate (cached by id when a cache folder is set)."""
+        if not self.generator.saliency_channels:
+            return None
+        if self.hparams.saliency_cache_dir and ids is not None and not self.warming_up:
+            if self._saliency_cache is None:
+                self._saliency_cache = SaliencyCache(self.hparams.saliency_cache_dir, self.surrogate,
+                                                     sign_correction=self.hparams.sign_correction)
+            return self._saliency_cache.get(images, list(ids))
+        return eigencam_saliency(self.surrogate, default_target_layer(self.surrogate), images,
+                                 self.hparams.sign_correction)
+
+    def marker(self, image_size: int) -> XMarkMarker:
+        """A detached CPU copy of G + surrogate (marking ``image_size``-pixel images) for release/verification."""
+        surrogate = copy.deepcopy(self.surrogate).cpu().eval().requires_grad_(False)
+        return XMarkMarker(copy.deepcopy(self.generator).cpu().eval(), surrogate, self.hparams.generator,
+                           self.surrogate_config, image_size, self.hparams.sign_correction)
+
+    def compute_loss(self, outputs: dict[str, Any], batch: dict[str, Any], stage: str,
+                     terms: list[str] | None = None) -> Tensor:
+        # Without an explicit selection (TaskModule's evaluation), only the proxy's task terms apply.
+        return super().compute_loss(outputs, batch, stage, list(self.hparams.proxy_terms) if terms is None else terms)
+
+    # -- training -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        generator_opt = instantiate(self.hparams.generator_optimizer, params=list(self.generator.parameters()))
+        proxy_params = list(self.model.parameters())
+        if self.inline_surrogate:
+            proxy_params += list(self.surrogate.parameters())
+        proxy_opt = instantiate(self.hparams.optimizer, params=proxy_params)
+        return [generator_opt, proxy_opt]
+
+    def on_train_epoch_start(self) -> None:
+        for name, opt in zip(("generator", "proxy"), self.optimizers()):
+            self.log(f"lr/{name}", opt.optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def _target_mask(self, labels: Tensor) -> Tensor:
+        return labels == self.target_class
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        generator_opt, proxy_opt = self.optimizers()
+        images, labels = batch["image"], batch["label"]
+        warming_up = self.warming_up
+        if not warming_up and self.inline_surrogate and self.surrogate.training:
+            self._freeze_clean_models()  # warm-up just ended: the surrogate is final from here on
+
+        # 1. proxy (and inline surrogate during warm-up) on the marked training set, clean labels
+        proxy_images = images
+        if not warming_up:
+            with torch.no_grad():
+                saliency = self.saliency(images, batch.get("id"))
+                marked = self.generator(images, saliency)["marked"]
+            chosen = self._target_mask(labels) & (torch.rand(labels.shape, device=labels.device)
+                                                  < self.hparams.mark_fraction)
+            proxy_images = torch.where(chosen[:, None, None, None], quantise(marked), images)
+            if self.hparams.proxy_rescale > 0 and float(torch.rand(())) < self.hparams.proxy_rescale:
+                proxy_images = random_rescale(proxy_images, tuple(self.hparams.rescale_range))
+            self.log("train/marked_share", chosen.float().mean(), on_step=False, on_epoch=True,
+                     batch_size=len(labels))
+        self.model.train()
+        proxy_batch = {**batch, "image": proxy_images}
+        proxy_loss = self.compute_loss({"logits": self.model(proxy_images)}, proxy_batch, "train_proxy",
+                                       terms=self.hparams.proxy_terms)
+        if warming_up and self.inline_surrogate:
+            proxy_loss = proxy_loss + F.cross_entropy(self.surrogate(images), labels)
+        proxy_opt.zero_grad()
+        self.manual_backward(proxy_loss)
+        proxy_opt.step()
+
+        # 2. generator, every proxy_steps iterations after warm-up
+        iteration = int(self.iterations)
+        self.iterations += 1
+        if warming_up or iteration % self.hparams.proxy_steps:
+            return proxy_loss.detach()
+        outputs = self.generator_outputs(batch, saliency, train=True)
+        loss = self.compute_loss(outputs, batch, "train", terms=self.generator_terms)
+        generator_opt.zero_grad()
+        self.manual_backward(loss)
+        generator_opt.step()
+        self.model.zero_grad(set_to_none=True)  # G's backward left gradients on the proxy
+        return loss.detach()
+
+    def generator_outputs(self, batch: dict[str, Any], saliency: Tensor | None, train: bool) -> dict[str, Any]:
+        """G's outputs and the logits every generator term reads (see module docstring)."""
+        out = self.generator(batch["image"], saliency)
+        marked = out["marked"]
+        was_training = self.model.training
+        self.model.eval()  # running BatchNorm statistics: a batch of marked images must not shift them
+        try:
+            outputs = {
+                "marked": marked,
+                "delta": out["delta"],
+                "marked_logits": self.model(marked),
+                "rescaled_marked_logits": self.model(random_rescale(marked, tuple(self.hparams.rescale_range))),
+                "surrogate_marked_logits": self.surrogate(marked),
+            }
+        finally:
+            self.model.train(was_training and train)
+        outputs["reference_marked_logits"] = [outputs["surrogate_marked_logits"]] + [r(marked) for r in self.references]
+        return outputs
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        super()._eval_step(batch, batch_idx, stage)  # the proxy's clean task metrics
+        if self.warming_up and stage == "val":
+            return
+        images, labels = batch["image"], batch["label"]
+        saliency = self.saliency(images, batch.get("id"))
+        outputs = self.generator_outputs(batch, saliency, train=False)
+        marked = quantise(outputs["marked"])
+        n = len(labels)
+        kw = dict(on_step=False, on_epoch=True, batch_size=n)
+        self.log(f"{stage}/psnr", peak_signal_noise_ratio(marked, images, data_range=1.0), **kw)
+        self.log(f"{stage}/ssim", structural_similarity_index_measure(marked, images, data_range=1.0), **kw)
+        self.log(f"{stage}/linf", (marked - images).abs().amax(), on_step=False, on_epoch=True, reduce_fx="max",
+                 batch_size=n)
+        lpips = next((t for t in self.loss_terms.values() if isinstance(t, LPIPSTerm)), None)
+        if lpips is not None:
+            self.log(f"{stage}/lpips", lpips.distance(images, marked).mean(), **kw)
+        keep = ~self._target_mask(labels)
+        if bool(keep.any()):
+            m = int(keep.sum())
+            kw = dict(on_step=False, on_epoch=True, batch_size=m)
+            t = self.target_class
+            proxy_w = torch.softmax(self.model(marked[keep]), 1)
+            proxy_b = torch.softmax(self.model(images[keep]), 1)
+            sur_w = torch.softmax(self.surrogate(marked[keep]), 1)
+            sur_b = torch.softmax(self.surrogate(images[keep]), 1)
+            self.log(f"{stage}/wsr_proxy", (proxy_w.argmax(1) == t).float().mean(), **kw)
+            self.log(f"{stage}/delta_p_proxy", (proxy_w[:, t] - proxy_b[:, t]).mean(), **kw)
+            self.log(f"{stage}/wsr_surrogate", (sur_w.argmax(1) == t).float().mean(), **kw)
+            self.log(f"{stage}/delta_p_surrogate", (sur_w[:, t] - sur_b[:, t]).mean(), **kw)
+            wsr_refs = torch.stack([(r(marked[keep]).argmax(1) == t).float().mean() for r in self.clean_models()])
+            self.log(f"{stage}/wsr_references", wsr_refs.max(), **kw)
+            self.log(f"{stage}/xmark_score", (proxy_w.argmax(1) == t).float().mean() - wsr_refs.max(), **kw)
+        if stage == "val" and batch_idx == 0:
+            k = self.hparams.panel_size
+            self.xmark_panel = {
+                "image": images[:k].detach().cpu(),
+                "saliency": (saliency if saliency is not None else torch.zeros_like(images[:, :1]))[:k].detach().cpu(),
+                "delta": outputs["delta"][:k].detach().cpu(),
+                "marked": marked[:k].detach().cpu(),
+                "label": labels[:k].detach().cpu(),
+                "epsilon": self.generator.epsilon,
+            }
+
+    def on_validation_epoch_end(self) -> None:
+        if self.warming_up:
+            # Before G learns there is no watermark to score; -1 keeps warm-up checkpoints last.
+            self.log("val/xmark_score", -1.0)
+
+
+def marker_sha256(path: str | Path) -> str:
+    """SHA-256 of a marker file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------ marking & queries
+
+
+@torch.no_grad()
+def mark_native(marker: XMarkMarker, pixels: "np.ndarray", channels: int) -> "np.ndarray":
+    """Mark one image file's pixels at their native resolution, exactly within ε after 8-bit rounding.
+
+    Args:
+        marker: the released marker (G + surrogate).
+        pixels: H×W (grey) or H×W×3 uint8 array, as read from the source file.
+        channels: C the generator sees (1: grey; an RGB file gets the same δ on every channel).
+
+    The image is resized (antialiased bilinear, as the data module does) to the marker's
+    ``image_size``; δ is computed there, up-sampled (bilinear) back to H×W, added, and the
+    result rounded to uint8 with the integer difference clamped to ``floor(255·ε)``, so
+    ``max |x_w − x| ≤ ε`` holds exactly for the stored file. Returns an array of the same
+    shape and dtype as ``pixels``.
+    """
+    import numpy as np
+    from torchvision.transforms.v2 import functional as TF
+
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+        raise ValueError(f"expected an H×W or H×W×3 uint8 image, got {pixels.dtype} {pixels.shape}")
+    native = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 255.0
+    native = native[None] if native.ndim == 2 else native.permute(2, 0, 1)
+    if channels == 1 and native.shape[0] == 3:
+        grey = (native * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    elif channels == native.shape[0]:
+        grey = native
+    else:
+        raise ValueError(f"cannot mark a {native.shape[0]}-channel image with a {channels}-channel generator")
+    size = marker.image_size
+    x = TF.resize(grey, [size, size], antialias=True).clamp(0, 1)[None]
+    delta = marker.mark(x)["delta"][0]
+    if tuple(delta.shape[-2:]) != tuple(native.shape[-2:]):
+        delta = F.interpolate(delta[None], size=native.shape[-2:], mode="bilinear", align_corners=False)[0]
+    limit = int(np.floor(255.0 * marker.epsilon + 1e-9))
+    original = native * 255.0
+    steps = torch.round((native + delta).clamp(0, 1) * 255.0) - original  # delta broadcasts over RGB
+    marked = (original + steps.clamp(-limit, limit)).round().clamp(0, 255).to(torch.uint8)
+    out = marked[0] if pixels.ndim == 2 else marked.permute(1, 2, 0)
+    return out.numpy()
+
+
+@torch.no_grad()
+def query_pairs(predict, images: Tensor, marked: Tensor, target_class: int,
+                batch_size: int = 64) -> dict[str, "np.ndarray"]:
+    """Query a classifier on paired clean / marked images.
+
+    Args:
+        predict: ``predict(B×C×H×W [0, 1]) -> B×K probabilities``.
+        images, marked: N×C×H×W in [0, 1], paired by index.
+    Returns:
+        ``p_benign`` (N, P(y_t | x)), ``p_marked`` (N, P(y_t | x_w)), ``pred_marked`` (N, argmax
+        on x_w), ``pred_benign`` (N).
+    """
+    import numpy as np
+
+    outs = {"p_benign": [], "p_marked": [], "pred_benign": [], "pred_marked": []}
+    for start in range(0, len(images), batch_size):
+        for name, batch in (("benign", images[start:start + batch_size]), ("marked", marked[start:start + batch_size])):
+            probs = predict(batch).float()
+            outs[f"p_{name}"].append(probs[:, target_class].cpu())
+            outs[f"pred_{name}"].append(probs.argmax(1).cpu())
+    return {k: torch.cat(v).numpy().astype(np.float64 if k.startswith("p_") else np.int64) for k, v in outs.items()}

@@ -1,0 +1,284 @@
+"""MedLocker / MIAD-MARK protocol behind ``verify.py``: certificates, keyed restore, evaluation.
+
+    python verify.py secret=<run>/owner/secret.json mode=certificate images=<run>/protected out=<dir>
+    python verify.py secret=<run>/owner/secret.json mode=restore key=<run>/owner/master_key.hex \\
+        images=<run>/protected out=<dir>
+    python verify.py secret=<run>/owner/secret.json mode=evaluate suspect=<classifier.ckpt> out=<dir>
+
+Modes (``mode=``):
+
+* ``certificate`` -- the signature of ``certificates.json`` under the owner's public key,
+  and, per entry, that its parameters re-render the protected image found in ``images=``
+  from the original (``originals=`` or the secret's dataset) bit for bit. Exit 0 when the
+  signature and every entry check out, 1 when any fails (report names which), 2 on bad input.
+* ``restore`` -- decrypts each image's restore data with ``key=`` (the master key file) and
+  writes the exact originals under ``out=`` in the protected images' layout. All images are
+  restored in memory first: a wrong key or altered data exits 2, names the failing image
+  and writes nothing.
+* ``evaluate`` -- accuracy of ``suspect=`` (a classification checkpoint) on the originals
+  vs the protected images, and on the protected images after removal attempts (median
+  filter, JPEG, inpainting of the footprint). Exit 0 (a measurement, not a verdict).
+
+Key material is never printed: reports carry hashes and file names only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from lightning_modules.advmark import ClassifierLoadError, ClassifierSuspect, from_uint8_hwc
+from utils.verification import EXIT_BAD_INPUT, EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, require, resolve_device
+from watermark.certificates import (
+    CertificateFormatError,
+    load_certificate,
+    load_public_key,
+    rerender_check,
+    verify_certificate,
+)
+from watermark.keyed_removal import RestoreError, load_master_key, restore
+from watermark.logo import footprint
+from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
+
+SECRET_FORMAT = "medmark-advmark-secret"
+MODES = ("certificate", "restore", "evaluate")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def read_secret(path: str) -> dict:
+    """The owner kit's secret.json of a MedLocker / MIAD-MARK run, structure-checked."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise BadInput(f"{p}: unreadable secret ({type(err).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("format") != SECRET_FORMAT:
+        raise BadInput(f"{p}: field 'format' must be {SECRET_FORMAT!r}")
+    for field in ("method", "ids", "certificates", "restore_dir", "logo", "public_key", "dataset_root"):
+        if field not in doc:
+            raise BadInput(f"{p}: field '{field}' is missing")
+    return doc
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            a = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+    except Exception as err:  # PIL raises several types
+        raise BadInput(f"{path}: unreadable image ({type(err).__name__})") from None
+    return a[..., None] if a.ndim == 2 else a
+
+
+def _image_index(folder: Path, what: str) -> dict[str, Path]:
+    """``{relative path without suffix -> file}`` and ``{stem -> file}`` of the images under ``folder``."""
+    if not folder.is_dir():
+        raise BadInput(f"{what}={folder}: folder not found")
+    index: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file():
+            index.setdefault(str(p.relative_to(folder).with_suffix("")), p)
+            index.setdefault(p.stem, p)
+    return index
+
+
+def _find(index: dict[str, Path], rel: str | None, image_id: str) -> Path | None:
+    if rel is not None and str(Path(rel).with_suffix("")) in index:
+        return index[str(Path(rel).with_suffix(""))]
+    return index.get(image_id)
+
+
+def _load_npz(path: str | None) -> dict[str, np.ndarray]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p}: deltas file named in the secret's field 'deltas' not found")
+    with np.load(p, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _write_report(out: Path, report: dict, title: str, lines: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text("\n".join([f"# {title}", ""] + lines + [""]))
+
+
+# ------------------------------------------------------------------------------- modes
+
+
+def check_certificates(cfg: DictConfig, doc: dict) -> int:
+    from callbacks.advmark import safe_name
+
+    require(cfg, "images", "out")
+    cert_path = Path(cfg.get("certificates") or doc["certificates"])
+    if not cert_path.is_file():
+        raise BadInput(f"{cert_path}: certificates file not found (certificates= or the secret's field)")
+    try:
+        cert = load_certificate(cert_path)
+        signature_ok = verify_certificate(cert, load_public_key(cfg.get("public_key") or doc["public_key"]))
+    except CertificateFormatError as err:
+        raise BadInput(f"{cert_path}: {err}") from None
+    logo = np.load(doc["logo"], allow_pickle=False)
+    deltas = _load_npz(doc.get("deltas"))
+    protected_index = _image_index(Path(cfg.images), "images")
+    originals_index = _image_index(Path(cfg.get("originals") or doc["dataset_root"]), "originals")
+    rows = []
+    for entry in cert["entries"]:
+        image_id = entry["image_id"]
+        prot_path = _find(protected_index, entry.get("protected_path"), image_id)
+        orig_path = _find(originals_index, entry.get("protected_path"), image_id)
+        row = {"id": image_id, "protected": str(prot_path) if prot_path else None, "rerender": False}
+        if prot_path is None or orig_path is None:
+            row["reason"] = "protected image not found" if prot_path is None else "original image not found"
+        else:
+            delta = deltas.get(safe_name(image_id)) if entry["delta_sha256"] is not None else None
+            row["rerender"] = rerender_check(entry, _read_image(orig_path), _read_image(prot_path), logo, delta)
+            if not row["rerender"]:
+                row["reason"] = "parameters do not re-render the protected image (pixels or hashes differ)"
+        rows.append(row)
+    passed = sum(r["rerender"] for r in rows)
+    verified = bool(signature_ok and rows and passed == len(rows))
+    report = {"mode": "certificate", "verified": verified, "signature_valid": signature_ok,
+              "entries": len(rows), "rerender_passed": passed, "certificates": str(cert_path),
+              "owner_id": cert.get("owner_id"), "method": cert.get("method"), "images": rows}
+    lines = [f"Verdict: **{'VERIFIED' if verified else 'NOT VERIFIED'}**", "",
+             f"- signature (Ed25519, owner {cert.get('owner_id')!r}): {'valid' if signature_ok else 'INVALID'}",
+             f"- re-rendered bit for bit: {passed}/{len(rows)} images", ""]
+    lines += [f"- {r['id']}: {r.get('reason')}" for r in rows if not r["rerender"]]
+    _write_report(Path(cfg.out), report, "MedLocker / MIAD-MARK certificate check", lines)
+    print(f"{'VERIFIED' if verified else 'NOT VERIFIED'}: signature {'valid' if signature_ok else 'INVALID'}, "
+          f"{passed}/{len(rows)} images re-render bit for bit; report: {Path(cfg.out) / 'report.json'}", flush=True)
+    return EXIT_VERIFIED if verified else EXIT_NOT_VERIFIED
+
+
+def restore_images(cfg: DictConfig, doc: dict) -> int:
+    require(cfg, "key", "images", "out")
+    key_path = Path(cfg.key)
+    if not key_path.is_file():
+        raise BadInput(f"key={key_path}: file not found")
+    try:
+        master = load_master_key(key_path)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    restore_dir = Path(cfg.get("restore_dir") or doc["restore_dir"])
+    index_path = restore_dir / "index.json"
+    if not index_path.is_file():
+        raise BadInput(f"{index_path}: restore index not found (the secret's field 'restore_dir')")
+    index = json.loads(index_path.read_text())
+    images_index = _image_index(Path(cfg.images), "images")
+    restored: list[tuple[str, np.ndarray]] = []
+    for image_id, item in sorted(index.items()):
+        prot_path = _find(images_index, item["protected"], image_id)
+        if prot_path is None:
+            raise BadInput(f"images={cfg.images}: protected image of {image_id} ({item['protected']}) not found")
+        blob_path = restore_dir / item["restore"]
+        if not blob_path.is_file():
+            raise BadInput(f"{blob_path}: restore data of {image_id} not found")
+        protected = _read_image(prot_path)
+        try:
+            original = restore(protected, blob_path.read_bytes(), master, image_id)
+        except RestoreError as err:
+            print(f"error: restore failed for image {image_id} ({blob_path.name}): {err}; nothing was written",
+                  file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        restored.append((item["protected"], original))
+    from callbacks.advmark import save_png
+
+    out = Path(cfg.out)
+    for rel, original in restored:
+        save_png(out / Path(rel).with_suffix(".png"), original)
+    report = {"mode": "restore", "restored": len(restored), "out": str(out), "key_file": key_path.name}
+    (out / "restore_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"RESTORED: {len(restored)} images bit-exact (AES-GCM authenticated) -> {out}", flush=True)
+    return EXIT_VERIFIED
+
+
+def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
+    require(cfg, "suspect", "out")
+    started = time.time()
+    try:
+        suspect = ClassifierSuspect(cfg.suspect, resolve_device(cfg.device), tuple(cfg.suspect_factories))
+    except ClassifierLoadError as err:
+        raise BadInput(str(err)) from None
+    cert = load_certificate(doc["certificates"])
+    logo = np.load(doc["logo"], allow_pickle=False)
+    labels = _labels(doc)
+    protected_index = _image_index(Path(cfg.get("images") or doc["protected_dir"]), "images")
+    originals_index = _image_index(Path(cfg.get("originals") or doc["dataset_root"]), "originals")
+    removal = dict(doc.get("removal") or {"median_k": 3, "jpeg_quality": 75, "inpaint_radius": 3})
+    origs, prots, fps, ys, ids = [], [], [], [], []
+    for entry in cert["entries"]:
+        image_id = entry["image_id"]
+        if image_id not in labels:
+            raise BadInput(f"{doc['dataset_root']}: no label for image {image_id}")
+        p = _find(protected_index, entry.get("protected_path"), image_id)
+        o = _find(originals_index, entry.get("protected_path"), image_id)
+        if p is None or o is None:
+            raise BadInput(f"image {image_id}: {'protected' if p is None else 'original'} file not found")
+        prot = _read_image(p)
+        origs.append(from_uint8_hwc(_read_image(o)))
+        prots.append(from_uint8_hwc(prot))
+        fps.append(footprint(prot.shape[0], prot.shape[1], logo, entry["x"], entry["y"], entry["scale"]))
+        ys.append(labels[image_id])
+        ids.append(image_id)
+    if not ids:
+        raise BadInput(f"{doc['certificates']}: no entries")
+    y = torch.tensor(ys)
+    orig_t, prot_t = torch.stack(origs), torch.stack(prots)
+    views = {"clean": orig_t, "protected": prot_t,
+             f"median{removal['median_k']}": median_filter(prot_t, int(removal["median_k"])),
+             f"jpeg{removal['jpeg_quality']}": jpeg(prot_t, int(removal["jpeg_quality"])),
+             "inpaint": inpaint_footprint(prot_t, np.stack(fps), int(removal["inpaint_radius"]))}
+    size = cfg.get("image_size")
+    accuracy = {}
+    for name, v in views.items():
+        if size:
+            v = torch.nn.functional.interpolate(v, size=(int(size), int(size)), mode="bilinear", antialias=True)
+        preds = torch.cat([suspect.predict(v[i:i + 64]).argmax(1) for i in range(0, len(v), 64)])
+        accuracy[name] = float((preds == y).float().mean())
+    report = {"mode": "evaluate", "suspect": str(cfg.suspect), "suspect_backbone": suspect.hparams["backbone"].get(
+        "name"), "num_images": len(ids), "accuracy": accuracy, "queries": suspect.queries,
+        "seconds": round(time.time() - started, 2)}
+    lines = [f"Suspect `{cfg.suspect}` ({report['suspect_backbone']}), {len(ids)} images", "",
+             "| images | accuracy |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in accuracy.items()]
+    _write_report(Path(cfg.out), report, "Accuracy on original vs protected images", lines)
+    print("accuracy: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()) +
+          f" ({len(ids)} images); report: {Path(cfg.out) / 'report.json'}", flush=True)
+    return EXIT_VERIFIED
+
+
+def _labels(doc: dict) -> dict[str, int]:
+    """Image id -> label index, read with the dataset's own reader (the secret's data config)."""
+    from datamodules.readers import read_dataset
+
+    data = doc["data"]
+    kwargs = {"classes": data.get("classes"), **(data.get("reader_options") or {})}
+    try:
+        samples = read_dataset(data["layout"], Path(doc["dataset_root"]), **kwargs)
+    except Exception as err:
+        raise BadInput(f"{doc['dataset_root']}: cannot read labels ({type(err).__name__}: {err})") from None
+    return {s.id: s.label for s in samples}
+
+
+def run(cfg: DictConfig) -> int:
+    """Dispatch on ``cfg.mode``; returns the exit code."""
+    require(cfg, "mode")
+    mode = str(cfg.mode)
+    if mode not in MODES:
+        raise BadInput(f"mode must be one of {MODES}, got {mode!r}")
+    doc = read_secret(cfg.secret)
+    if mode == "certificate":
+        return check_certificates(cfg, doc)
+    if mode == "restore":
+        return restore_images(cfg, doc)
+    return evaluate_suspect(cfg, doc)
+
