@@ -6,7 +6,7 @@
 2. verify both against the watermarked run's owner kit with ``verify.py``;
 3. print both verdicts and the Dice of each model.
 
-    python -m utils.demo_stealthmark [--out logs/demo] [--mark-epochs 16] [--lime-images 3] [overrides ...]
+    python -m utils.demo_stealthmark [--out logs/demo] [--mark-epochs 30] [--lime-images 3] [overrides ...]
 
 Exit code 0 when the story holds (the marked model verifies with exit 0, the clean one is
 refused with exit 1), 1 otherwise. The payload is never printed.
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="logs/demo", help="folder of the two runs and the two reports")
     parser.add_argument("--experiment", default="stealthmark_synthetic")
     parser.add_argument("--lime-images", type=int, default=3, help="images explained with LIME per suspect")
-    parser.add_argument("--mark-epochs", type=int, default=16, help="epochs of watermark fine-tuning")
+    parser.add_argument("--mark-epochs", type=int, default=30, help="epochs of watermark fine-tuning (constant LR)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both training runs")
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if _run([py, "train.py", *common, "method=task", f"hydra.run.dir={runs['clean']}"], "train the clean model") != 0:
         return 1
     clean_checkpoint = _summary(runs["clean"])["best_checkpoint"]
+    # constant LR: the trigger, then the QR layout, are learnt late (after ~400 steps, docs/stealthmark.md §4)
     if _run([py, "train.py", *common, f"init_weights={clean_checkpoint}", f"trainer.max_epochs={args.mark_epochs}",
-             f"hydra.run.dir={runs['marked']}"], "watermark it (fine-tuning from the clean weights)") != 0:
+             "method.scheduler=null", f"hydra.run.dir={runs['marked']}"], "watermark it (fine-tuning from the clean weights)") != 0:
         return 1
     secret = runs["marked"] / "owner" / "secret.json"
     verdicts = {}
