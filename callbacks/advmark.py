@@ -47,11 +47,8 @@ from PIL import Image  # noqa: E402
 
 from watermark.certificates import (  # noqa: E402
     build_certificate,
-    generate_owner_keys,
-    load_private_key,
+    owner_signing_key,
     save_certificate,
-    save_private_key,
-    save_public_key,
     sha256_array,
     sign_certificate,
 )
@@ -142,19 +139,9 @@ class ProtectionExport(Callback):
 
 def _owner_keys(owner_dir: Path, private_key: str | None, master_key: str | None) -> tuple[object, bytes, dict]:
     owner_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    if private_key:
-        key = load_private_key(private_key)
-        paths["private_key"] = str(Path(private_key).resolve())
-    else:
-        priv, _pub = generate_owner_keys()
-        p = save_private_key(owner_dir / "owner_private_key.pem", priv)
-        key = load_private_key(priv)
-        paths["private_key"] = str(p.resolve())
-    from cryptography.hazmat.primitives import serialization
-
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    save_public_key(owner_dir / "public_key.pem", pub)
+    key, private_path, _public_path = owner_signing_key(owner_dir, private_key, field="private_key",
+                                                        public_name="public_key.pem")
+    paths = {"private_key": str(private_path.resolve())}
     if master_key:
         mk = load_master_key(master_key)
         paths["master_key"] = str(Path(master_key).resolve())

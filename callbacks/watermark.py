@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from lightning_modules.base import to_plain
 from watermark import certificates, explain
 from watermark.owner_kit import (
     build_model_certificate,
@@ -36,9 +37,6 @@ from watermark.verify_stealthmark import quiet_lime, readout
 
 log = logging.getLogger("medmark")
 
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
 class WatermarkCheck(Callback):
@@ -144,29 +142,16 @@ class OwnerKitExport(Callback):
                  private_key: str | None = None):
         self.output_dir = Path(output_dir)
         self.owner_id = str(owner_id)
-        self.data = _plain(data)
-        self.thresholds = _plain(thresholds)
+        self.data = to_plain(data)
+        self.thresholds = to_plain(thresholds)
         self.verification_split = verification_split
         self.num_verification_images = num_verification_images
         self.private_key = private_key
 
     def _owner_keys(self) -> tuple[Any, Path]:
         """The owner's private key (loaded or created) and the path of its public key."""
-        public_path = self.output_dir / "owner_public_key.pem"
-        private_path = Path(self.private_key) if self.private_key else self.output_dir / "owner_private_key.pem"
-        if private_path.is_file():
-            key = certificates.load_private_key(private_path)
-            from cryptography.hazmat.primitives import serialization
-
-            public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
-        elif self.private_key:
-            raise FileNotFoundError(f"callbacks.owner_kit.private_key: {private_path} does not exist")
-        else:
-            private_pem, public_pem = certificates.generate_owner_keys()
-            certificates.save_private_key(private_path, private_pem)
-            key = certificates.load_private_key(private_pem)
-        certificates.save_public_key(public_path, public_pem)
+        key, _private_path, public_path = certificates.owner_signing_key(
+            self.output_dir, self.private_key, field="callbacks.owner_kit.private_key")
         return key, public_path
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

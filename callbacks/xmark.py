@@ -146,21 +146,8 @@ class XMarkRelease(Callback):
 
     # -- pieces -------------------------------------------------------------------------------
     def _owner_keys(self):
-        public_path = self.owner_dir / "owner_public_key.pem"
-        private_path = Path(self.private_key) if self.private_key else self.owner_dir / "owner_private_key.pem"
-        if private_path.is_file():
-            from cryptography.hazmat.primitives import serialization
-
-            key = certificates.load_private_key(private_path)
-            public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
-        elif self.private_key:
-            raise FileNotFoundError(f"callbacks.xmark_release.private_key: {private_path} does not exist")
-        else:
-            private_pem, public_pem = certificates.generate_owner_keys()
-            certificates.save_private_key(private_path, private_pem)
-            key = certificates.load_private_key(private_pem)
-        certificates.save_public_key(public_path, public_pem)
+        key, _private_path, _public_path = certificates.owner_signing_key(
+            self.owner_dir, self.private_key, field="callbacks.xmark_release.private_key")
         return key
 
     def choose_marked(self, datamodule, target_class: int) -> list:
@@ -286,7 +273,7 @@ class XMarkRelease(Callback):
         }
         (self.output_dir / "release.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"X-Mark release: {quality['num_marked']}/{target_pool} target-class training images marked "
-              f"(PSNR {quality['psnr_mean']:.2f} dB, L∞ {quality['linf_255']}/255 <= ε={marker.epsilon * 255:.2f}/255)"
+              f"(PSNR {'inf (δ rounds to 0 everywhere)' if quality['psnr_mean'] is None else format(quality['psnr_mean'], '.2f') + ' dB'}, L∞ {quality['linf_255']}/255 <= ε={marker.epsilon * 255:.2f}/255)"
               f" -> {self.release_dir}; owner kit -> {self.owner_dir}; clean-reference control "
               + ", ".join(f"{k}: ΔP={v['delta_p']:.3f} p={v['p_value']:.3g}" for k, v in control.items())
               + f"; proxy Mal: ΔP={proxy_result['delta_p']:.3f} p={proxy_result['p_value']:.3g}", flush=True)

@@ -147,6 +147,10 @@ class MedicalImageDataModule(LightningDataModule):
         synthetic: ``{name, num_images, image_size, seed, ...}`` to generate the dataset in
             its real layout under ``data_dir`` on first use.
         reader_options: extra options passed to the reader (``finding``, ``target``...).
+        batch_size, eval_batch_size: per process (DDP); eval defaults to ``batch_size``.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader options
+            (``persistent_workers`` and ``prefetch_factor`` apply only with ``num_workers > 0``;
+            ``prefetch_factor: null`` = PyTorch's default of 2 batches per worker).
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class MedicalImageDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
@@ -197,7 +202,9 @@ class MedicalImageDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        # Both only mean something with worker processes (DataLoader refuses them otherwise).
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
@@ -340,6 +347,7 @@ class MedicalImageDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor,
             drop_last=False,
         )
 

@@ -330,8 +330,10 @@ class AdvMarkModule(TaskModule):
         modes = {m: m.training for m in self.model.modules()}
         cam = GradCAM(model=self.model, target_layers=[default_target_layer(self.model)])
         try:
-            with torch.enable_grad():
-                maps = cam(input_tensor=images.detach(), targets=[ClassifierOutputTarget(int(y)) for y in labels])
+            # grad-cam hands activations to NumPy: fp32 even under bf16/fp16 autocast (trainer.precision)
+            with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+                maps = cam(input_tensor=images.detach().float(),
+                           targets=[ClassifierOutputTarget(int(y)) for y in labels])
         finally:
             cam.activations_and_grads.release()
             for m, training in modes.items():

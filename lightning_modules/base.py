@@ -5,6 +5,10 @@ built here, so a checkpoint carries everything needed to rebuild its module:
 ``Module.load_from_checkpoint(path)`` works without Hydra. The total loss is
 ``sum(term.weight * term(outputs, batch))`` and every term is logged on its own as
 ``<stage>/loss/<name>``; callbacks may change ``term.weight`` while training.
+
+Speed options (``configs/speed``: ``channels_last``, ``compile``) are applied when a Trainer
+sets the module up (:meth:`ObjectiveModule.configure_model`); they are runtime choices, not
+hyper-parameters, so they are not saved and never change a checkpoint's weight names.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from losses.base import LossTerm
 
 
+SPEED_DEFAULTS: dict[str, Any] = {
+    "channels_last": False, "compile": False, "compile_mode": "default", "compile_backend": "inductor",
+}
+
+
 def to_plain(config: Any) -> Any:
-    """DictConfig -> plain containers (resolved); anything else unchanged."""
-    if isinstance(config, DictConfig):
+    """DictConfig / ListConfig -> plain containers (resolved); anything else unchanged."""
+    if isinstance(config, (DictConfig, ListConfig)):
         return OmegaConf.to_container(config, resolve=True)
     return config
 
@@ -53,7 +62,11 @@ class ObjectiveModule(LightningModule):
         optimizer: optimiser config without ``params`` (e.g. ``{_target_: torch.optim.AdamW, lr: 1e-3}``).
         scheduler: optional LR-scheduler config without ``optimizer``; ``scheduler_interval``
             ``epoch`` or ``step``.
-        compile: wrap the model in ``torch.compile`` (GPU speed option).
+        speed: runtime speed options (``configs/speed``): ``channels_last`` (NHWC layout for the
+            4-D weights of this module and for ``batch["image"]``), ``compile`` (compile
+            ``self.model`` in place with ``nn.Module.compile``: the weights keep their names, no
+            ``_orig_mod.`` prefix), ``compile_mode``, ``compile_backend``. Not saved.
+        compile: legacy alias of ``speed.compile`` (older checkpoints' hyper-parameters carry it).
         lr_multipliers: ``{name fragment: factor}``; parameters whose name contains a fragment
             train at ``factor × lr`` in their own group (first match wins), e.g.
             ``{position_table: 30}`` for a learned position table, ``{image_encoder: 0.1}`` for SAM.
@@ -68,6 +81,7 @@ class ObjectiveModule(LightningModule):
         scheduler_interval: str = "epoch",
         compile: bool = False,
         lr_multipliers: dict[str, float] | None = None,
+        speed: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -77,14 +91,41 @@ class ObjectiveModule(LightningModule):
                 "optimizer": to_plain(optimizer),
                 "scheduler": to_plain(scheduler),
                 "scheduler_interval": scheduler_interval,
-                "compile": compile,
                 "lr_multipliers": {str(k): float(v) for k, v in (to_plain(lr_multipliers) or {}).items()},
             }
         )
         self.model = instantiate(self.hparams.backbone)
         self.loss_terms = build_loss_terms(self.hparams.loss)
+        self.speed = {**SPEED_DEFAULTS, **(to_plain(speed) or {})}
+        unknown = sorted(set(self.speed) - set(SPEED_DEFAULTS))
+        if unknown:
+            raise ValueError(f"speed: unknown option(s) {unknown}; known: {sorted(SPEED_DEFAULTS)}")
         if compile:
-            self.model = torch.compile(self.model)
+            self.speed["compile"] = True
+        self._speed_applied = False
+
+    # -- speed options ---------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Apply ``speed`` once, when a Trainer sets the module up (fit, validate, test)."""
+        if self._speed_applied:
+            return
+        self._speed_applied = True
+        if self.speed["channels_last"]:
+            # Every 4-D weight/buffer of the module (network, generator, surrogates, LPIPS...);
+            # later .to(device) calls preserve the layout.
+            self.to(memory_format=torch.channels_last)
+        if self.speed["compile"]:
+            # In place (nn.Module.compile): self.model stays the same object, state-dict keys and
+            # checkpoints stay free of the `_orig_mod.` prefix torch.compile(module) would add.
+            self.model.compile(mode=None if self.speed["compile_mode"] in (None, "default") else self.speed["compile_mode"],
+                               backend=self.speed["compile_backend"] or "inductor")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.speed["channels_last"] and isinstance(batch, dict):
+            image = batch.get("image")
+            if isinstance(image, torch.Tensor) and image.ndim == 4:
+                batch = {**batch, "image": image.contiguous(memory_format=torch.channels_last)}
+        return batch
 
     def load_model_weights(self, path: str | Path) -> None:
         """Initialise ``self.model`` from the ``model.*`` weights of a Lightning checkpoint (strict).

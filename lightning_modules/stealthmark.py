@@ -39,8 +39,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
+from lightning_modules.base import to_plain
 from lightning_modules.metrics import build_metrics
 from lightning_modules.task import TaskModule
 from losses.stealthmark import KeySampleTerm
@@ -63,11 +64,6 @@ _CONFIG_FIELDS = {
     "key.epsilon": "method.epsilon",
 }
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def select_rows(data: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
@@ -135,7 +131,7 @@ class StealthMarkModule(TaskModule):
         super().__init__(**kwargs)
         if self.task != "segmentation":
             raise ValueError("method=stealthmark watermarks segmentation models; data.task must be segmentation")
-        keep_prob = _plain(keep_prob)
+        keep_prob = to_plain(keep_prob)
         keep_range = [float(keep_prob)] * 2 if isinstance(keep_prob, (int, float)) else [float(v) for v in keep_prob]
         if len(keep_range) != 2 or not 0.0 <= keep_range[0] <= keep_range[1] <= 1.0:
             raise ValueError(f"method.keep_prob must be a probability or a range [lo, hi] in [0, 1], got {keep_prob}")
@@ -147,7 +143,7 @@ class StealthMarkModule(TaskModule):
         if not 0.0 <= epsilon < 0.5:
             raise ValueError(f"method.epsilon must be in [0, 0.5) so the thresholded mask never changes, got {epsilon}")
         # With _recursive_=False Hydra hands nested values over as DictConfig/ListConfig.
-        hide, qr, trigger = _plain(hide_value), _plain(qr), _plain(trigger)
+        hide, qr, trigger = to_plain(hide_value), to_plain(qr), to_plain(trigger)
         if isinstance(hide, (list, tuple)):
             hide = [float(v) for v in hide]
         # Only non-secret values are saved (checkpoint + loggers); see the module docstring.

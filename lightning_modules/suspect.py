@@ -5,6 +5,9 @@ method: its ``hyper_parameters.backbone`` config + the ``model.*`` weights), so 
 StealthMark checkpoint, a fine-tuned copy or a clean model all load the same way. Every
 image passed to :meth:`CheckpointSuspect.predict` counts as one query.
 
+The other suspect kinds (TorchScript, ONNX, HTTP endpoint) and the factory that picks one
+from a path or URL live in :mod:`lightning_modules.adapters` (``open_suspect``).
+
 Suspect files come from someone else: the checkpoint is read with
 ``torch.load(weights_only=True)`` (no pickled code runs) and only model factories from
 trusted modules (``models.`` by default; ``verify.py suspect_factories=[...]``) may be
@@ -14,6 +17,7 @@ instantiated from its config.
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +27,20 @@ from torch import nn
 
 # Config keys that would make the factory read pretrained weights from disk; the checkpoint's
 # own weights replace them anyway, and the verifier's machine need not have those files.
-_NO_PRETRAINED = {"encoder_weights": None, "encoder_weights_path": None, "checkpoint": None}
+_NO_PRETRAINED = {"encoder_weights": None, "encoder_weights_path": None, "checkpoint": None, "weights_path": None}
 
 
 class SuspectError(ValueError):
     """The suspect file cannot be used; the message names the file (and field)."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (the suspect's identity in reports)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -44,7 +57,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def build_suspect_model(
-    path: str | Path, factories: tuple[str, ...] = ("models.",), task: str = "segmentation"
+    path: str | Path, factories: tuple[str, ...] = ("models.",), task: str | None = "segmentation"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Network and hyper-parameters of a medmark Lightning checkpoint (weights loaded, CPU, eval mode).
 
@@ -53,7 +66,8 @@ def build_suspect_model(
         factories: module prefixes whose ``_target_`` may be instantiated (the checkpoint's config
             names its own factory; anything else could run arbitrary code).
         task: the task the checkpoint must have been trained for (``segmentation`` for
-            StealthMark, ``classification`` for X-Mark).
+            StealthMark, ``classification`` for X-Mark); ``None`` accepts the checkpoint's own
+            (``hyper_parameters.task``, default segmentation).
     Raises:
         SuspectError: missing/corrupt file, no ``hyper_parameters.backbone``, a factory outside
             ``factories``, a checkpoint of another task, or weights that do not fit the network.
@@ -69,7 +83,7 @@ def build_suspect_model(
         raise SuspectError(f"{path}: field 'hyper_parameters.backbone._target_' = {target!r} is not a trusted "
                            f"model factory ({', '.join(p + '*' for p in factories)}); refusing to instantiate it")
     found = hparams.get("task", "segmentation")
-    if found != task:
+    if task is not None and found != task:
         raise SuspectError(f"{path}: field 'hyper_parameters.task' is {found!r}; this verification needs a "
                            f"{task} model")
     config = copy.deepcopy(backbone)
@@ -98,24 +112,40 @@ class CheckpointSuspect:
     """``predict(images B×C×H×W float [0,1]) -> probabilities`` of a checkpoint's model.
 
     Segmentation (default): sigmoid, B×1×H×W. Classification (``task="classification"``):
-    softmax over the K classes, B×K (rows sum to 1).
+    softmax over the K classes, B×K (rows sum to 1). ``task=None`` takes the checkpoint's own
+    ``hyper_parameters.task`` (as ``python -m utils.serve`` does).
 
     Attributes:
         model: the network (an attack may modify it in place before verification).
         queries: images predicted so far.
         hparams: the checkpoint's hyper-parameters (non-secret by construction).
+        kind: ``"checkpoint"`` (see :meth:`identity`).
     """
 
+    kind = "checkpoint"
+
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
-                 factories: tuple[str, ...] = ("models.",), task: str = "segmentation"):
-        if task not in ("segmentation", "classification"):
+                 factories: tuple[str, ...] = ("models.",), task: str | None = "segmentation"):
+        if task not in ("segmentation", "classification", None):
             raise ValueError(f"task must be segmentation or classification, got {task!r}")
         self.path = Path(path)
-        self.task = task
         self.model, self.hparams = build_suspect_model(self.path, tuple(factories), task=task)
+        self.task = task or str(self.hparams.get("task", "segmentation"))
+        if self.task not in ("segmentation", "classification"):
+            raise SuspectError(f"{self.path}: field 'hyper_parameters.task' is {self.task!r}; expected "
+                               "segmentation or classification")
         self.device = torch.device(device)
         self.model.to(self.device)
         self.queries = 0
+        self._sha256: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """``{kind, path, sha256, task, backbone}`` of the file (the hash is computed once)."""
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        backbone = self.hparams.get("backbone") or {}
+        return {"kind": self.kind, "path": str(self.path), "sha256": self._sha256, "task": self.task,
+                "backbone": backbone.get("name") or backbone.get("_target_")}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -333,13 +333,16 @@ class XMarkModule(TaskModule):
         """EigenCAM maps B×1×H×W of the surrogate (cached by id when a cache folder is set)."""
         if not self.generator.saliency_channels:
             return None
-        if self.hparams.saliency_cache_dir and ids is not None and not self.warming_up:
-            if self._saliency_cache is None:
-                self._saliency_cache = SaliencyCache(self.hparams.saliency_cache_dir, self.surrogate,
-                                                     sign_correction=self.hparams.sign_correction)
-            return self._saliency_cache.get(images, list(ids))
-        return eigencam_saliency(self.surrogate, default_target_layer(self.surrogate), images,
-                                 self.hparams.sign_correction)
+        # grad-cam hands activations to NumPy: fp32 even under bf16/fp16 autocast (trainer.precision).
+        with torch.autocast(images.device.type, enabled=False):
+            images = images.float()
+            if self.hparams.saliency_cache_dir and ids is not None and not self.warming_up:
+                if self._saliency_cache is None:
+                    self._saliency_cache = SaliencyCache(self.hparams.saliency_cache_dir, self.surrogate,
+                                                         sign_correction=self.hparams.sign_correction)
+                return self._saliency_cache.get(images, list(ids))
+            return eigencam_saliency(self.surrogate, default_target_layer(self.surrogate), images,
+                                     self.hparams.sign_correction)
 
     def marker(self, image_size: int) -> XMarkMarker:
         """A detached CPU copy of G + surrogate (marking ``image_size``-pixel images) for release/verification."""

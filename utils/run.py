@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,65 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("medmark")
+
+
+class EpochClock(pl.Callback):
+    """Wall time of each training epoch (its validation included), for ``summary.json``."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak-memory count (a Hydra multirun runs every job in one process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets VmHWM, the peak resident set size of this process
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory(device: torch.device) -> tuple[float | None, str]:
+    """(MiB, kind): CUDA ``max_memory_allocated`` on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1), "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1), "cpu_peak_rss"
+    except OSError:
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return round(peak / (2**20 if os.uname().sysname == "Darwin" else 1024), 1), "cpu_peak_rss_process"
+    except (ImportError, AttributeError):
+        return None, "unknown"
+
+
+def _finish_wandb(trainer: pl.Trainer) -> None:
+    """Close this run's W&B run, so the next job of a multirun (same process) starts its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def instantiate_list(group: DictConfig | None) -> list[Any]:
@@ -90,6 +150,8 @@ def run_training(cfg: DictConfig) -> float | None:
     if cfg.get("init_weights"):
         module.load_model_weights(cfg.init_weights)
     callbacks = instantiate_list(cfg.get("callbacks"))
+    epoch_clock = EpochClock()
+    callbacks.append(epoch_clock)
     loggers = instantiate_list(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -110,9 +172,13 @@ def run_training(cfg: DictConfig) -> float | None:
     if datamodule.splits:
         summary["data"] = {"root": str(datamodule.dataset_root()),
                            **{f"num_{name}": len(split) for name, split in datamodule.splits.items()}}
+    device = trainer.strategy.root_device
+    _reset_peak_memory(device)
     if cfg.get("eval_untrained"):
         summary["untrained"] = _numbers(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    fit_started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.time() - fit_started
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
@@ -131,11 +197,26 @@ def run_training(cfg: DictConfig) -> float | None:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         summary["test"] = _numbers(results[0]) if results else {}
     summary["seconds"] = round(time.time() - started, 1)
+    network = getattr(module, "model", module)
+    peak_mib, peak_kind = _peak_memory(device)
+    summary["resources"] = {
+        "num_parameters": sum(p.numel() for p in network.parameters()),
+        "num_trainable_parameters": sum(p.numel() for p in network.parameters() if p.requires_grad),
+        "num_parameters_module": sum(p.numel() for p in module.parameters()),  # + generator, references, LPIPS...
+        "fit_seconds": round(fit_seconds, 1),
+        "epochs_timed": len(epoch_clock.seconds),
+        "seconds_per_epoch": (round(sum(epoch_clock.seconds) / len(epoch_clock.seconds), 2)
+                              if epoch_clock.seconds else None),
+        "peak_memory_mib": peak_mib,
+        "peak_memory_kind": peak_kind,
+        "device": str(device),
+    }
 
     if trainer.is_global_zero:
         path = output_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary), flush=True)
+    _finish_wandb(trainer)
     metric = cfg.get("optimized_metric")
     if metric is None:
         return None

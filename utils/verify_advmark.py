@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules.advmark import ClassifierLoadError, ClassifierSuspect, from_uint8_hwc
+from lightning_modules.adapters import open_suspect, suspect_label, suspect_record
+from lightning_modules.advmark import ClassifierLoadError, from_uint8_hwc
+from utils.report_html import certificate_check, write_html_report
 from utils.verification import EXIT_BAD_INPUT, EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, require, resolve_device
 from watermark.certificates import (
     CertificateFormatError,
@@ -155,6 +157,8 @@ def check_certificates(cfg: DictConfig, doc: dict) -> int:
              f"- re-rendered bit for bit: {passed}/{len(rows)} images", ""]
     lines += [f"- {r['id']}: {r.get('reason')}" for r in rows if not r["rerender"]]
     _write_report(Path(cfg.out), report, "MedLocker / MIAD-MARK certificate check", lines)
+    write_html_report(Path(cfg.out), report, [], "MedLocker / MIAD-MARK certificate check",
+                      certificate=certificate_check(cfg.secret))
     print(f"{'VERIFIED' if verified else 'NOT VERIFIED'}: signature {'valid' if signature_ok else 'INVALID'}, "
           f"{passed}/{len(rows)} images re-render bit for bit; report: {Path(cfg.out) / 'report.json'}", flush=True)
     return EXIT_VERIFIED if verified else EXIT_NOT_VERIFIED
@@ -206,7 +210,8 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
     require(cfg, "suspect", "out")
     started = time.time()
     try:
-        suspect = ClassifierSuspect(cfg.suspect, resolve_device(cfg.device), tuple(cfg.suspect_factories))
+        suspect = open_suspect(cfg.suspect, task="classification", device=resolve_device(cfg.device),
+                               factories=tuple(cfg.suspect_factories), http=cfg.get("http"))
     except ClassifierLoadError as err:
         raise BadInput(str(err)) from None
     cert = load_certificate(doc["certificates"])
@@ -245,12 +250,15 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
             v = torch.nn.functional.interpolate(v, size=(int(size), int(size)), mode="bilinear", antialias=True)
         preds = torch.cat([suspect.predict(v[i:i + 64]).argmax(1) for i in range(0, len(v), 64)])
         accuracy[name] = float((preds == y).float().mean())
-    report = {"mode": "evaluate", "suspect": str(cfg.suspect), "suspect_backbone": suspect.hparams["backbone"].get(
-        "name"), "num_images": len(ids), "accuracy": accuracy, "queries": suspect.queries,
-        "seconds": round(time.time() - started, 2)}
-    lines = [f"Suspect `{cfg.suspect}` ({report['suspect_backbone']}), {len(ids)} images", "",
+    backbone = ((getattr(suspect, "hparams", None) or {}).get("backbone") or {}).get("name")
+    report = {"mode": "evaluate", "suspect": suspect_record(suspect), "suspect_backbone": backbone,
+              "num_images": len(ids), "accuracy": accuracy, "queries": suspect.queries,
+              "seconds": round(time.time() - started, 2)}
+    lines = [f"Suspect `{suspect_label(report['suspect'])}` ({report['suspect_backbone']}), {len(ids)} images", "",
              "| images | accuracy |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in accuracy.items()]
     _write_report(Path(cfg.out), report, "Accuracy on original vs protected images", lines)
+    write_html_report(Path(cfg.out), report, [], "MedLocker / MIAD-MARK: accuracy on original vs protected images",
+                      certificate=certificate_check(cfg.secret))
     print("accuracy: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()) +
           f" ({len(ids)} images); report: {Path(cfg.out) / 'report.json'}", flush=True)
     return EXIT_VERIFIED

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from lightning_modules.suspect import CheckpointSuspect
+from lightning_modules.adapters import open_suspect, suspect_label, suspect_record
+from utils.attacks import apply_attack
+from utils.report_html import write_html_report
 from utils.verification import (
     EXIT_NOT_VERIFIED,
     EXIT_VERIFIED,
@@ -30,7 +30,6 @@ from utils.verification import (
     require,
     resolve_device,
 )
-from watermark.attacks import finetune, prune_global_l1
 from watermark.owner_kit import read_secret, secret_sha256
 from watermark.verify_stealthmark import CountingPredictor, null_grids, verify_stealthmark
 
@@ -65,26 +64,6 @@ def verification_images(
     return images, masks, [it["id"] for it in items]
 
 
-def apply_attack(cfg: DictConfig, suspect: CheckpointSuspect, datamodule) -> dict[str, Any]:
-    """Modify the suspect in place as ``cfg.attack`` says; return the attack's record."""
-    attack = OmegaConf.to_container(cfg.attack, resolve=True)
-    name = attack.get("name", "none")
-    if name == "none":
-        return {"name": "none"}
-    if name == "prune":
-        return {"name": "prune", **prune_global_l1(suspect.model, attack["amount"])}
-    if name == "finetune":
-        if attack["split"] not in datamodule.splits:
-            raise BadInput(f"attack.split={attack['split']!r} is not a split of the data ({sorted(datamodule.splits)})")
-        loader = DataLoader(datamodule.dataset(attack["split"], train_transforms=True), batch_size=attack["batch_size"],
-                            shuffle=True, generator=torch.Generator().manual_seed(attack["seed"]))
-        stats = finetune(suspect.model, loader, epochs=attack["epochs"], lr=attack["lr"],
-                         weight_decay=attack["weight_decay"], max_batches=attack["max_batches"],
-                         device=suspect.device, seed=attack["seed"])
-        return {"name": "finetune", **{k: v for k, v in attack.items() if k != "name"}, **stats}
-    raise BadInput(f"attack.name must be none, prune or finetune, got {name!r}")
-
-
 def render_markdown(report: dict) -> str:
     """A human-readable report.md."""
     verdict = "**VERIFIED** — the suspect carries the owner's mark" if report["verified"] else "**NOT VERIFIED**"
@@ -94,7 +73,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"Verdict: {verdict} (p = {report['p_value']:.3g}, α = {th['alpha']:g}).",
         "",
-        f"- suspect: `{report['suspect']}`",
+        f"- suspect: `{suspect_label(report['suspect'])}`",
         f"- attack before verification: `{report['attack']['name']}`",
         f"- secret: sha256 `{report['secret_sha256'][:16]}…`",
         "",
@@ -156,8 +135,11 @@ def run(cfg: DictConfig) -> int:
     datamodule = instantiate(data_config(doc["verification"]["data"], cfg.data, cfg.secret))
     images, masks, ids = verification_images(datamodule, doc, cfg, cfg.secret)
     device = resolve_device(cfg.device)
-    suspect = CheckpointSuspect(cfg.suspect, device=device, factories=tuple(cfg.suspect_factories))
-    attack = apply_attack(cfg, suspect, datamodule)
+    suspect = open_suspect(cfg.suspect, task="segmentation", device=device, factories=tuple(cfg.suspect_factories),
+                           http=cfg.get("http"))
+    # removal attack before verification (utils/attacks.py); weight attacks on a suspect without
+    # weights (HTTP / ONNX / TorchScript) are bad input, exit 2
+    suspect, attack = apply_attack(cfg.attack, suspect, datamodule, "segmentation")
     nulls = null_grids(key.qr_version, key.error_correction, int(cfg.verify.null_k), int(cfg.verify.null_seed),
                        cfg.verify.cache_dir)
     predictor = CountingPredictor(suspect.predict, batch_size=int(cfg.verify.batch_size))
@@ -171,7 +153,7 @@ def run(cfg: DictConfig) -> int:
     result.pop("_arrays")
     report = {
         **result,
-        "suspect": str(cfg.suspect),
+        "suspect": suspect_record(suspect),
         "secret": str(cfg.secret),
         "secret_sha256": secret_sha256(doc),
         "key_sha256": key.sha256(),
@@ -185,6 +167,7 @@ def run(cfg: DictConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))
+    write_html_report(out, report, report["figures"], "StealthMark ownership verification", redact=[key.payload])
     verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
     n_dec = sum(d["matches"] for d in report["decoded"])
     print(f"{verdict}: p={report['p_value']:.3g} (response p={report['response_p_value']:.3g}, "

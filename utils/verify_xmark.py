@@ -36,8 +36,11 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
+from lightning_modules.adapters import open_suspect, suspect_label, suspect_record  # noqa: E402
 from lightning_modules.suspect import CheckpointSuspect  # noqa: E402
 from lightning_modules.xmark import XMarkMarker, marker_sha256, quantise, query_pairs  # noqa: E402
+from utils.report_html import write_html_report  # noqa: E402
+from utils.attacks import apply_attack  # noqa: E402
 from utils.verification import EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, data_config, require, resolve_device  # noqa: E402
 from watermark.xmark_kit import marker_path, read_xmark_secret, secret_sha256  # noqa: E402
 from watermark.xmark_stats import xmark_test  # noqa: E402
@@ -139,7 +142,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"Verdict: {verdict} (p = {report['p_value']:.3g}, α = {report['alpha']:g}, τ = {report['tau']:g}).",
         "",
-        f"- suspect: `{report['suspect']}`",
+        f"- suspect: `{suspect_label(report['suspect'])}`",
+        f"- attack before verification: `{report.get('attack', {}).get('name', 'none')}`",
         f"- watermark queried: `{report['watermark']['source']}` (sha256 `{report['watermark']['sha256'][:16]}…`)",
         f"- secret: sha256 `{report['secret_sha256'][:16]}…`; target class {report['target_class']} "
         f"({report['target_name']})",
@@ -215,13 +219,16 @@ def run(cfg: DictConfig) -> int:
     marked = quantise(marker.mark(images)["marked"])
     clean_q, marked_q = resize(images, query_size), quantise(resize(marked, query_size))
 
-    suspect = CheckpointSuspect(cfg.suspect, device=resolve_device(cfg.device),
-                                factories=tuple(cfg.suspect_factories), task="classification")
+    suspect = open_suspect(cfg.suspect, task="classification", device=resolve_device(cfg.device),
+                           factories=tuple(cfg.suspect_factories), http=cfg.get("http"),
+                           num_classes=len(doc["classes"]))
     num_classes = len(doc["classes"])
-    suspect_classes = suspect.hparams.get("num_classes")
+    suspect_classes = (getattr(suspect, "hparams", None) or {}).get("num_classes")
     if suspect_classes is not None and int(suspect_classes) != num_classes:
         raise BadInput(f"{cfg.suspect}: field 'hyper_parameters.num_classes' is {suspect_classes}; the secret has "
                        f"{num_classes} classes ({doc['classes']})")
+    # removal attack before verification (utils/attacks.py): the pairs, BA and report see the attacked suspect
+    suspect, attack = apply_attack(cfg.attack, suspect, datamodule, "classification")
     pairs = query_pairs(suspect.predict, clean_q, marked_q, target, batch_size=int(v.batch_size))
     result = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
 
@@ -254,6 +261,7 @@ def run(cfg: DictConfig) -> int:
 
     report: dict[str, Any] = {
         "method": "xmark",
+        "attack": attack,
         "verified": verified,
         "p_value": result["p_value"],
         "delta_p": result["delta_p"],
@@ -274,7 +282,7 @@ def run(cfg: DictConfig) -> int:
         "query_size": query_size,
         "marking_size": marker.image_size,
         "watermark": {"source": source, "file": str(watermark_file), "sha256": marker_sha256(watermark_file)},
-        "suspect": str(cfg.suspect),
+        "suspect": suspect_record(suspect),
         "secret": str(cfg.secret),
         "secret_sha256": secret_sha256(doc),
         "ids": ids,
@@ -282,12 +290,13 @@ def run(cfg: DictConfig) -> int:
         "p_marked": pairs["p_marked"].tolist(),
         "figures": figures,
         "seconds": round(time.time() - started, 3),
-        "config": {"verify": OmegaConf.to_container(v, resolve=True), "device": str(suspect.device),
+        "config": {"verify": OmegaConf.to_container(v, resolve=True), "device": resolve_device(cfg.device),
                    "data_overrides": {k: val for k, val in overrides.items() if val is not None}},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))
+    write_html_report(out, report, figures, "X-Mark dataset ownership verification")
     why = "" if verified or not result["verified"] else " (a clean control model also passes: no evidence)"
     print(f"{'VERIFIED' if verified else 'NOT VERIFIED'}{why}: p={result['p_value']:.3g}, ΔP={result['delta_p']:.3f}, "
           f"WSR={result['wsr']:.2f}, m={len(ids)}, τ={tau:g}, α={alpha:g}; {suspect.queries} queries, "

@@ -136,6 +136,35 @@ def load_private_key(source: str | os.PathLike | bytes | Ed25519PrivateKey,
     return key
 
 
+def owner_signing_key(owner_dir: str | os.PathLike, private_key: str | os.PathLike | None = None,
+                      field: str = "private_key", public_name: str = "owner_public_key.pem"
+                      ) -> tuple[Ed25519PrivateKey, Path, Path]:
+    """The owner's Ed25519 signing key for an owner kit: loaded, or created once and kept.
+
+    ``private_key`` given: that PEM file (it must exist). Otherwise ``<owner_dir>/owner_private_key.pem``
+    is reused when present (a re-run keeps its identity) or created (0o600). The public key is
+    (re)written to ``<owner_dir>/<public_name>`` so verifiers find it beside the kit.
+
+    Returns:
+        ``(key, private_path, public_path)``.
+    Raises:
+        FileNotFoundError: ``private_key`` names a missing file (message names ``field``).
+    """
+    owner_dir = Path(owner_dir)
+    private_path = Path(private_key) if private_key else owner_dir / "owner_private_key.pem"
+    if private_path.is_file():
+        key = load_private_key(private_path)
+    elif private_key:
+        raise FileNotFoundError(f"{field}: {private_path} does not exist")
+    else:
+        private_pem, _public_pem = generate_owner_keys()
+        save_private_key(private_path, private_pem)
+        key = load_private_key(private_pem)
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_path = save_public_key(owner_dir / public_name, public_pem)
+    return key, private_path, public_path
+
+
 def load_public_key(source: str | os.PathLike | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
     """Ed25519 public key from a key object, PEM bytes, or a PEM file path."""
     if isinstance(source, Ed25519PublicKey):

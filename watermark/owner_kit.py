@@ -64,12 +64,12 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Numpy scalars / tuples -> JSON types (configs hand over tuples and numpy numbers)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -92,7 +92,7 @@ def trigger_spec(config: Mapping[str, Any]) -> dict:
     flat spec (``{"kind": "patch", "size": 8}``, as stored in ``secret.json``) is returned
     unchanged, minus any blocks of other kinds.
     """
-    config = _plain(dict(config))
+    config = plain(dict(config))
     kind = config.get("kind")
     if kind not in TRIGGERS:
         raise OwnerKitError(None, "trigger.kind", f"must be one of {sorted(TRIGGERS)}, got {kind!r}")
@@ -158,7 +158,7 @@ class StealthMarkKey:
         if not isinstance(self.trigger, Mapping):
             raise OwnerKitError(None, f"{where}.trigger",
                                 f"must be a mapping with 'kind', got {type(self.trigger).__name__}")
-        object.__setattr__(self, "trigger", _plain(dict(self.trigger)))
+        object.__setattr__(self, "trigger", plain(dict(self.trigger)))
         if self.trigger.get("kind") not in TRIGGERS:
             raise OwnerKitError(None, f"{where}.trigger.kind",
                                 f"must be one of {sorted(TRIGGERS)}, got {self.trigger.get('kind')!r}")
@@ -219,27 +219,27 @@ class StealthMarkKey:
     def from_dict(cls, data: Mapping[str, Any], path: str | os.PathLike | None = None,
                   prefix: str = "key") -> StealthMarkKey:
         """Inverse of :meth:`to_dict`; errors name ``path`` and the field (``key.qr.version``...)."""
-        _require(data, prefix, Mapping, path)
+        require_type(data, prefix, Mapping, path)
         for name in ("payload", "qr", "grid", "trigger", "hide_value", "epsilon"):
             if name not in data:
                 raise OwnerKitError(path, f"{prefix}.{name}", "is missing")
         qr, grid = data["qr"], data["grid"]
-        _require(qr, f"{prefix}.qr", Mapping, path)
-        _require(grid, f"{prefix}.grid", Mapping, path)
+        require_type(qr, f"{prefix}.qr", Mapping, path)
+        require_type(grid, f"{prefix}.grid", Mapping, path)
         for name, types in (("version", int), ("error_correction", str)):
             if name not in qr:
                 raise OwnerKitError(path, f"{prefix}.qr.{name}", "is missing")
-            _require(qr[name], f"{prefix}.qr.{name}", types, path)
+            require_type(qr[name], f"{prefix}.qr.{name}", types, path)
         for name in ("image_size", "quiet_zone"):
             if name not in grid:
                 raise OwnerKitError(path, f"{prefix}.grid.{name}", "is missing")
-            _require(grid[name], f"{prefix}.grid.{name}", int, path)
+            require_type(grid[name], f"{prefix}.grid.{name}", int, path)
         if "grid_size" in grid and grid["grid_size"] != 4 * qr["version"] + 17:
             raise OwnerKitError(path, f"{prefix}.grid.grid_size",
                                 f"{grid['grid_size']} does not match QR version {qr['version']} "
                                 f"({4 * qr['version'] + 17} modules)")
-        _require(data["payload"], f"{prefix}.payload", str, path)
-        _require(data["epsilon"], f"{prefix}.epsilon", (int, float), path)
+        require_type(data["payload"], f"{prefix}.payload", str, path)
+        require_type(data["epsilon"], f"{prefix}.epsilon", (int, float), path)
         try:
             return cls(
                 payload=data["payload"],
@@ -261,7 +261,7 @@ class StealthMarkKey:
         return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
 
 
-def _require(value: Any, name: str, types: type | tuple[type, ...], path: str | os.PathLike | None) -> None:
+def require_type(value: Any, name: str, types: type | tuple[type, ...], path: str | os.PathLike | None) -> None:
     """Type check with JSON-friendly naming; ``bool`` never passes for a number."""
     types = types if isinstance(types, tuple) else (types,)
     if isinstance(value, bool) and bool not in types:
@@ -304,8 +304,8 @@ def build_secret(
         "method": METHOD,
         "key": key.to_dict(),
         "verification": {"split": str(verification_split), "ids": [str(i) for i in verification_ids],
-                         "data": _plain(dict(data_config))},
-        "thresholds": _plain(dict(thresholds)),
+                         "data": plain(dict(data_config))},
+        "thresholds": plain(dict(thresholds)),
         "model": {"checkpoint": checkpoint, "last_checkpoint": last_checkpoint},
         "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -325,7 +325,7 @@ def validate_secret(doc: Any, path: str | os.PathLike | None = None) -> StealthM
                         ("verification", Mapping), ("thresholds", Mapping), ("model", Mapping), ("created_at", str)):
         if name not in doc:
             raise OwnerKitError(path, name, "is missing")
-        _require(doc[name], name, types, path)
+        require_type(doc[name], name, types, path)
     if doc["format"] != SECRET_FORMAT:
         raise OwnerKitError(path, "format",
                             f"must be {SECRET_FORMAT!r} (not a StealthMark secret?), got {doc['format']!r}")
@@ -339,7 +339,7 @@ def validate_secret(doc: Any, path: str | os.PathLike | None = None) -> StealthM
     for name, types in (("split", str), ("ids", list), ("data", Mapping)):
         if name not in ver:
             raise OwnerKitError(path, f"verification.{name}", "is missing")
-        _require(ver[name], f"verification.{name}", types, path)
+        require_type(ver[name], f"verification.{name}", types, path)
     if not all(isinstance(i, str) for i in ver["ids"]):
         raise OwnerKitError(path, "verification.ids", "must be a list of strings")
     if "_target_" not in ver["data"]:
@@ -349,7 +349,7 @@ def validate_secret(doc: Any, path: str | os.PathLike | None = None) -> StealthM
     for name, types in (("alpha", (int, float)), ("response_margin", (int, float)), ("min_decoded", int)):
         if name not in th:
             raise OwnerKitError(path, f"thresholds.{name}", "is missing")
-        _require(th[name], f"thresholds.{name}", types, path)
+        require_type(th[name], f"thresholds.{name}", types, path)
     if not 0.0 < th["alpha"] < 1.0:
         raise OwnerKitError(path, "thresholds.alpha", f"must be in (0, 1), got {th['alpha']}")
     if th["response_margin"] < 0:
@@ -365,13 +365,13 @@ def validate_secret(doc: Any, path: str | os.PathLike | None = None) -> StealthM
 
 def secret_sha256(doc: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a whole secret document."""
-    return hashlib.sha256(canonical_json(_plain(dict(doc)))).hexdigest()
+    return hashlib.sha256(canonical_json(plain(dict(doc)))).hexdigest()
 
 
 def write_secret(path: str | os.PathLike, doc: Mapping[str, Any]) -> Path:
     """Validate and write ``secret.json`` readable by the owner only (0o600)."""
     validate_secret(doc, path)
-    data = (json.dumps(_plain(dict(doc)), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    data = (json.dumps(plain(dict(doc)), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
     return certificates.write_secret_file(path, data)
 
 
@@ -455,8 +455,8 @@ def build_model_certificate(
         "entries": [],
         "secret_sha256": secret_sha256(secret_doc),
         "key_sha256": key.sha256(),
-        "model": _plain(dict(model)),
-        "dataset": _plain(dict(dataset)),
+        "model": plain(dict(model)),
+        "dataset": plain(dict(dataset)),
     }
 
 
@@ -481,7 +481,7 @@ def read_certificate(path: str | os.PathLike) -> dict:
                         ("model", Mapping), ("dataset", Mapping), ("signature", str)):
         if name not in cert:
             raise OwnerKitError(p, name, "is missing")
-        _require(cert[name], name, types, p)
+        require_type(cert[name], name, types, p)
     if cert["method"] != METHOD:
         raise OwnerKitError(p, "method", f"must be {METHOD!r}, got {cert['method']!r}")
     return cert

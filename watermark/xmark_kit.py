@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from watermark import certificates
-from watermark.owner_kit import OwnerKitError, _plain, _require, canonical_json, file_sha256
+from watermark.owner_kit import OwnerKitError, canonical_json, file_sha256, plain, require_type
 
 SECRET_FORMAT = "medmark-xmark-secret"
 SECRET_VERSION = 1
@@ -69,11 +69,11 @@ def build_xmark_secret(
         "classes": [str(c) for c in classes],
         "marker": {"checkpoint": str(marker_checkpoint), "sha256": str(marker_sha256), "image_size": int(image_size)},
         "verification": {"split": str(verification_split), "ids": [str(i) for i in verification_ids],
-                         "seed": int(verification_seed), "data": _plain(dict(data_config))},
+                         "seed": int(verification_seed), "data": plain(dict(data_config))},
         "thresholds": {"tau": float(tau), "alpha": float(alpha)},
         "m": len(verification_ids),
-        "release": _plain(dict(release)),
-        "control": _plain(dict(control or {})),
+        "release": plain(dict(release)),
+        "control": plain(dict(control or {})),
         "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     validate_xmark_secret(doc)
@@ -94,7 +94,7 @@ def validate_xmark_secret(doc: Any, path: str | os.PathLike | None = None) -> di
                         ("created_at", str)):
         if name not in doc:
             raise OwnerKitError(path, name, "is missing")
-        _require(doc[name], name, types, path)
+        require_type(doc[name], name, types, path)
     if doc["format"] != SECRET_FORMAT:
         raise OwnerKitError(path, "format", f"must be {SECRET_FORMAT!r} (not an X-Mark secret?), got {doc['format']!r}")
     if doc["version"] != SECRET_VERSION:
@@ -110,14 +110,14 @@ def validate_xmark_secret(doc: Any, path: str | os.PathLike | None = None) -> di
     for name, types in (("checkpoint", str), ("sha256", str), ("image_size", int)):
         if name not in marker:
             raise OwnerKitError(path, f"marker.{name}", "is missing")
-        _require(marker[name], f"marker.{name}", types, path)
+        require_type(marker[name], f"marker.{name}", types, path)
     if marker["image_size"] < 8:
         raise OwnerKitError(path, "marker.image_size", f"must be >= 8 pixels, got {marker['image_size']}")
     ver = doc["verification"]
     for name, types in (("split", str), ("ids", list), ("seed", int), ("data", Mapping)):
         if name not in ver:
             raise OwnerKitError(path, f"verification.{name}", "is missing")
-        _require(ver[name], f"verification.{name}", types, path)
+        require_type(ver[name], f"verification.{name}", types, path)
     if len(ver["ids"]) < 2 or not all(isinstance(i, str) for i in ver["ids"]):
         raise OwnerKitError(path, "verification.ids", "must be a list of at least two image ids (strings)")
     if "_target_" not in ver["data"]:
@@ -126,7 +126,7 @@ def validate_xmark_secret(doc: Any, path: str | os.PathLike | None = None) -> di
     for name in ("tau", "alpha"):
         if name not in th:
             raise OwnerKitError(path, f"thresholds.{name}", "is missing")
-        _require(th[name], f"thresholds.{name}", (int, float), path)
+        require_type(th[name], f"thresholds.{name}", (int, float), path)
     if not 0.0 < th["alpha"] < 1.0:
         raise OwnerKitError(path, "thresholds.alpha", f"must be in (0, 1), got {th['alpha']}")
     if not 0.0 <= th["tau"] < 1.0:
@@ -138,13 +138,13 @@ def validate_xmark_secret(doc: Any, path: str | os.PathLike | None = None) -> di
 
 def secret_sha256(doc: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a whole secret document (what logs/reports carry)."""
-    return hashlib.sha256(canonical_json(_plain(dict(doc)))).hexdigest()
+    return hashlib.sha256(canonical_json(plain(dict(doc)))).hexdigest()
 
 
 def write_xmark_secret(path: str | os.PathLike, doc: Mapping[str, Any]) -> Path:
     """Validate and write ``secret.json`` readable by the owner only (0o600)."""
     validate_xmark_secret(doc, path)
-    data = (json.dumps(_plain(dict(doc)), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    data = (json.dumps(plain(dict(doc)), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
     return certificates.write_secret_file(path, data)
 
 
@@ -202,7 +202,7 @@ def build_xmark_certificate(
         "entries": [],
         "secret_sha256": secret_sha256(secret_doc),
         "marker_sha256": str(marker_sha256),
-        "dataset": _plain(dict(dataset)),
+        "dataset": plain(dict(dataset)),
     }
 
 
