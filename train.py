@@ -5,7 +5,9 @@
     python train.py -m experiment=task_seg_synthetic backbone=unet_resnet34,sam_tiny
 
 Exit codes: 0 done, 2 bad input (dataset, config, missing weights) with a message
-naming the file or key at fault.
+naming the file or key at fault. In a multirun (``-m``) a job with bad input is recorded
+as failed (its ``job.json`` and the comparison row say why) and the other jobs still run;
+the multirun then exits non-zero.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -25,6 +29,15 @@ from utils.run import run_training
 log = logging.getLogger("medmark")
 
 
+class JobInputError(RuntimeError):
+    """Bad input in one job of a multirun: an ``Exception`` (not ``SystemExit``), so Hydra's
+    launcher records this job as failed and goes on with the others."""
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -33,6 +46,8 @@ def main(cfg: DictConfig) -> float | None:
     except (DatasetError, FileNotFoundError, ValueError, OmegaConfBaseException, InstantiationException) as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {exc}", file=sys.stderr)
+        if _in_multirun():
+            raise JobInputError(f"{type(exc).__name__}: {exc}") from exc
         sys.exit(2)
 
 

@@ -169,3 +169,25 @@ def test_two_backbone_multirun_writes_the_comparison(tmp_path):
     assert "comparison of 2 runs" in proc.stdout and "| backbone=sam_tiny |" in proc.stdout
     for num in ("0", "1"):
         assert json.loads((sweep_dir / num / "job.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_multirun_and_secret_overrides_are_not_printed(tmp_path):
+    sweep_dir = tmp_path / "multi"
+    overrides = [o for o in TINY_SEG if not o.startswith("logger=")]
+    # job 0: bad input (exit 2 in a plain run); job 1 must still run. `note` is declared secret.
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *overrides, "data.on_bad_sample=bogus,error",
+           "+note=OWNER-SECRET-42", "secret_keys=[note]", "logger=none", "eval_untrained=false",
+           f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0, "a multirun with a failed job must not exit 0"
+    failed = json.loads((sweep_dir / "0" / "job.json").read_text())
+    done = json.loads((sweep_dir / "1" / "job.json").read_text())
+    assert failed["status"] == "failed" and "data.on_bad_sample" in failed["error"]
+    assert done["status"] == "completed" and (sweep_dir / "1" / "summary.json").is_file()
+    with open(sweep_dir / "comparison.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert "note=<secret>" in proc.stdout + proc.stderr  # the launcher's "#0 : ..." line, redacted
+    assert "OWNER-SECRET-42" not in proc.stdout + proc.stderr

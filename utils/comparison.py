@@ -368,6 +368,26 @@ def redact_overrides(overrides: list[str], secret_keys: list[str]) -> list[str]:
     return out
 
 
+class _RedactLaunchLog(logging.Filter):
+    """Hides secret override values in Hydra's launcher log lines (``#0 : method.payload=...``)."""
+
+    def __init__(self, secret_keys: list[str]):
+        super().__init__()
+        self.secret_keys = secret_keys
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        head, sep, tail = message.partition(" : ")
+        if sep and tail:
+            record.msg = head + sep + " ".join(redact_overrides(tail.split(" "), self.secret_keys))
+            record.args = ()
+        return True
+
+
+# Hydra's launchers print every job's overrides before running it.
+_LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins")
+
+
 class ComparisonCallback(Callback):
     """Hydra callback: records each multirun job (``job.json``) and rebuilds the comparison.
 
@@ -455,6 +475,14 @@ class ComparisonCallback(Callback):
                   flush=True)
 
     # -- hydra.experimental.callback.Callback hooks ---------------------------------------------
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        # Always (even with enabled=false): a secret given on the command line must not be
+        # printed by the launcher's "#N : <overrides>" lines.
+        secret_keys = _secret_keys(config)
+        if secret_keys:
+            for name in _LAUNCHER_LOGGERS:
+                logging.getLogger(name).addFilter(_RedactLaunchLog(secret_keys))
+
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         if not (self.enabled and self._multirun(config)):
             return
@@ -465,7 +493,14 @@ class ComparisonCallback(Callback):
         self._write_job(config, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     def on_job_end(self, config: Any, job_return: Any = None, **kwargs: Any) -> None:
-        if not (self.enabled and self._multirun(config)):
+        if not self._multirun(config):
+            return
+        # Hydra's sweeper writes a failed job's overrides to stderr ("Error executing job with
+        # overrides: [...]") after this hook: hide the secret values there too.
+        secret_keys = _secret_keys(config)
+        if secret_keys and isinstance(getattr(job_return, "overrides", None), list):
+            job_return.overrides = redact_overrides([str(o) for o in job_return.overrides], secret_keys)
+        if not self.enabled:
             return
         fields: dict[str, Any] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         status = getattr(getattr(job_return, "status", None), "name", None)
