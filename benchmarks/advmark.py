@@ -73,6 +73,8 @@ def time_protection(module, datamodule, num_images: int) -> dict:
         "seconds": round(seconds, 3),
         "images_per_s": round(seen / seconds, 3),
         "success_rate": round(sum(r["pred_protected"] != r["label"] for r in records) / max(1, len(records)), 3),
+        "placements": {k: sum(r.get("placement", "mark") == k for r in module.records)
+                       for k in ("mark", "delta_only", "none")},
     }
     if queries:
         out["queries_per_image_median"] = statistics.median(queries)

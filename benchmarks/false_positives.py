@@ -22,6 +22,26 @@ and the marked model must not verify under another owner's secret (METHODS.md §
    X-Mark: a generator of the same architecture with fresh random weights (``verify.watermark``;
    a stand-in for another owner's trained generator -- pass ``other=<generator.pt>`` for a real one).
 
+3. **MedLocker / MIAD-MARK** (``secret=`` of a protection run): here an ownership claim is a
+   *certificate verification* -- the Ed25519 signature under the owner's public key and a bit-exact
+   re-render of each presented image from its original (``verify.py mode=certificate``) -- not a
+   statistical test, so the honest analogue of "K unmarked models" is K image sets the owner did
+   NOT protect, each checked against the owner's certificate and public key: the clean originals;
+   ``K - 6`` other owners (own Ed25519 key, own QR logo, own δ, the same renderer and even the same
+   placements -- their images vs the owner's certificate, and their certificate under the owner's
+   key); the owner's own parameters perturbed and re-rendered (x+1, y+1, α ± 2/255, another δ: the
+   nearest impostors); and ``others=<secret.json>,...`` -- real protection runs with their own keys.
+   Reported per set: verdict, per-image false claims (an image bit-identical to the certified one is
+   not an impostor and is counted apart), and the smallest margin (pixels differing from the
+   certified image, largest grey-level difference). Ind-W: another owner's secret against the
+   owner's protected images, and the owner's certificate under another owner's public key; the
+   owner's own secret against its images is the positive control (must verify).
+
+       python benchmarks/false_positives.py secret=<miadmark run>/owner/secret.json K=12 \
+           others=<medlocker run>/owner/secret.json,<blackbox run>/owner/secret.json out=<dir>
+
+   No training is involved (seconds). ``.png`` is not written for these methods (no p-values).
+
 Writes ``<out>/false_positives.json``, ``.md`` and ``.png`` (histogram of the unmarked models'
 p-values, α and the Ind-W p-values marked). Presets as in ``benchmarks/robustness.py``:
 ``preset=quick`` (default; StealthMark channel 2 from the per-cell readout) or ``preset=full``.
@@ -218,10 +238,252 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- MedLocker / MIAD-MARK
+
+ADVMARK_METHODS = ("medlocker", "miadmark")
+# the owner's own parameters, slightly changed and re-rendered from the originals (near misses)
+PERTURBATIONS = ("x+1", "y+1", "alpha+2/255", "alpha-2/255", "delta_changed")
+
+
+def _perturbed_params(entry: dict, delta, kind: str, rng):
+    """``(x, y, alpha, scale, delta)`` of the owner's entry changed by ``kind`` (module docstring)."""
+    import numpy as np
+
+    x, y, alpha, scale = entry["x"], entry["y"], float(entry["alpha"]), float(entry["scale"])
+    d = None if delta is None else np.array(delta, dtype=np.float32, copy=True)
+    support = None if d is None else (d != 0)
+    mark = entry.get("placement", "mark") != "delta_only"
+    if kind in ("x+1", "y+1"):
+        if mark:
+            x, y = (x + 1, y) if kind == "x+1" else (x, y + 1)
+        elif d is not None:  # no mark to move: move δ by one pixel, kept on its own support
+            d = np.roll(d, 1, axis=1 if kind == "x+1" else 0) * support
+    elif kind.startswith("alpha"):
+        step = 2 / 255 * (1 if kind == "alpha+2/255" else -1)
+        if mark:
+            alpha = min(1.0, max(0.0, alpha + step)) if 0.0 <= alpha + step <= 1.0 else alpha - step
+        elif d is not None:
+            d = d * 0.5
+    elif kind == "delta_changed":
+        if d is not None:  # another δ of the same size: signs flipped at random
+            d = d * np.where(rng.random(d.shape) < 0.5, -1.0, 1.0).astype(np.float32)
+        elif mark:
+            alpha = alpha - 1 / 255 if alpha - 1 / 255 >= 0 else alpha + 1 / 255
+    return x, y, alpha, scale, d
+
+
+def _image_margin(presented, certified) -> tuple[int, int]:
+    """(pixels that differ, largest difference in grey levels) between two uint8 images."""
+    import numpy as np
+
+    if presented.shape != certified.shape:
+        return int(np.prod(certified.shape[:2])), 255
+    diff = np.abs(presented.astype(np.int16) - certified.astype(np.int16))
+    diff = diff.max(axis=2) if diff.ndim == 3 else diff
+    return int((diff > 0).sum()), int(diff.max())
+
+
+def advmark_false_positives(options: dict, secret: Path, doc: dict, out: Path, verify_over: list[str]) -> int:
+    """MedLocker / MIAD-MARK: an ownership claim is a certificate verification (module docstring, part 3)."""
+    import numpy as np
+
+    from callbacks.advmark import save_png, safe_name
+    from watermark.certificates import (build_certificate, generate_owner_keys, load_certificate, save_certificate,
+                                        save_private_key, save_public_key, sha256_array, sign_certificate)
+    from watermark.logo import render_protected, render_qr_logo
+    from utils.verify_advmark import _load_npz, _read_image, read_secret
+
+    read_secret(str(secret))
+    k, seed0 = int(options["K"]), int(options["seed0"])
+    rng = np.random.default_rng(seed0)
+    started = time.time()
+    cert = load_certificate(doc["certificates"])
+    entries = cert["entries"]
+    logo = np.load(doc["logo"], allow_pickle=False)
+    deltas = _load_npz(doc.get("deltas"))
+    root, prot_dir = Path(doc["dataset_root"]), Path(doc["protected_dir"])
+    originals = {e["image_id"]: _read_image(root / e["protected_path"]) for e in entries}
+    certified = {e["image_id"]: _read_image(prot_dir / e["protected_path"]) for e in entries}
+    delta_of = {e["image_id"]: deltas.get(safe_name(e["image_id"])) if e["delta_sha256"] else None for e in entries}
+    common = [f"secret={secret}", "mode=certificate", *verify_over]
+
+    def check(name: str, kind: str, images: Path, presented: dict, extra: list[str] | None = None,
+              secret_over: Path | None = None, impostors: bool = True) -> dict:
+        """One verify.py certificate check. An image claim = a valid signature AND a bit-exact re-render;
+        with ``impostors`` only images that differ from the certified one count (an identical image is the
+        owner's); without (Ind-W), every claim counts: the images are the owner's, the secret is not."""
+        over = ([f"secret={secret_over}"] if secret_over else []) + [o for o in common if not (
+            secret_over and o.startswith("secret="))] + [f"images={images}", *(extra or [])]
+        code, report, error = run_verify(over, out / "verify" / name)
+        rows = {r["id"]: r for r in (report or {}).get("images", [])}
+        margins = [_image_margin(presented[i], certified[i]) for i in presented if i in certified]
+        identical = sum(m[0] == 0 for m in margins)
+        signature_ok = bool((report or {}).get("signature_valid"))
+        passed = signature_ok * sum(bool(r.get("rerender")) for i, r in rows.items() if i in presented and (
+            not impostors or _image_margin(presented[i], certified[i])[0] > 0))
+        differing = [m for m in margins if m[0] > 0]
+        return {"name": name, "kind": kind, "exit_code": code, "error": error,
+                "verified": bool((report or {}).get("verified")), "signature_valid": (report or {}).get(
+                    "signature_valid"), "images": len(presented), "identical_to_certified": identical,
+                "false_image_claims": passed, "rerender_passed": (report or {}).get("rerender_passed"),
+                "min_pixels_differing": min((m[0] for m in differing), default=None),
+                "min_max_level_difference": min((m[1] for m in differing), default=None)}
+
+    sets: list[dict] = []
+
+    def write_set(name: str, images: dict) -> Path:
+        folder = out / "sets" / name
+        for e in entries:
+            if e["image_id"] in images:
+                save_png(folder / e["protected_path"], images[e["image_id"]])
+        return folder
+
+    # other owners: own key pair, own logo (QR of another id), own δ, same renderer and placements
+    others = []
+    n_other = max(1, k - 1 - len(PERTURBATIONS) - len([o for o in (options.get("others") or "").split(",") if o]))
+    for i in range(n_other):
+        name = f"other_owner_{i + 1}"
+        folder = out / "others" / name
+        private_pem, public_pem = generate_owner_keys()
+        save_private_key(folder / "owner_private_key.pem", private_pem)
+        save_public_key(folder / "public_key.pem", public_pem)
+        other_logo = render_qr_logo(f"other-{i + 1}", logo.shape[0],
+                                    error_correction="L")
+        images, other_entries, other_deltas = {}, [], {}
+        for e in entries:
+            image_id = e["image_id"]
+            d = delta_of[image_id]
+            if d is not None:
+                d = (d * np.where(rng.random(d.shape) < 0.5, -1.0, 1.0)).astype(np.float32)
+                other_deltas[safe_name(image_id)] = d
+            scope = e.get("delta_scope", "footprint")
+            img = render_protected(originals[image_id], other_logo, e["x"], e["y"], e["alpha"], e["scale"], d,
+                                   delta_scope=scope)
+            images[image_id] = img
+            other_entries.append({**{f: e[f] for f in ("image_id", "x", "y", "alpha", "scale", "threshold",
+                                                      "protected_path")},
+                                  "original_sha256": sha256_array(originals[image_id]),
+                                  "protected_sha256": sha256_array(img), "logo_sha256": sha256_array(other_logo),
+                                  "delta_sha256": None if d is None else sha256_array(d), "delta_scope": scope})
+        other_cert = sign_certificate(build_certificate(f"other-owner-{i + 1}", other_entries, doc["method"]),
+                                      private_pem)
+        save_certificate(folder / "certificates.json", other_cert)
+        np.save(folder / "logo.npy", other_logo)
+        if other_deltas:
+            np.savez_compressed(folder / "deltas.npz", **other_deltas)
+        images_dir = write_set(name, images)
+        other_secret = {**doc, "owner_id": f"other-owner-{i + 1}", "certificates": str(folder / "certificates.json"),
+                        "public_key": str(folder / "public_key.pem"), "logo": str(folder / "logo.npy"),
+                        "deltas": str(folder / "deltas.npz") if other_deltas else None, "protected_dir": str(images_dir),
+                        "private_key_file": str(folder / "owner_private_key.pem"), "master_key_file": None}
+        (folder / "secret.json").write_text(json.dumps(other_secret, indent=2) + "\n")
+        others.append((name, folder, images_dir))
+        print(f"=== {name}: another owner's key and logo", flush=True)
+        # (a) their images against the owner's certificate; (b) their certificate under the owner's public key
+        sets.append(check(name, "another owner's images vs the owner's certificate", images_dir, images))
+        sets[-1]["signature_check"] = check(f"{name}_signature", "another owner's kit (its certificate re-renders "
+                                            "its images) under the owner's public key", images_dir, images,
+                                            [f"public_key={doc['public_key']}"], secret_over=folder / "secret.json")
+
+    # the clean originals (never protected)
+    print("=== clean originals", flush=True)
+    sets.append(check("clean_originals", "the unprotected originals", root, originals))
+    # the owner's own parameters, perturbed and re-rendered (the nearest impostors)
+    for kind in PERTURBATIONS:
+        images = {}
+        for e in entries:
+            x, y, alpha, scale, d = _perturbed_params(e, delta_of[e["image_id"]], kind, rng)
+            images[e["image_id"]] = render_protected(originals[e["image_id"]], logo, x, y, alpha, scale, d,
+                                                     delta_scope=e.get("delta_scope", "footprint"))
+        name = f"perturbed_{kind.replace('/', '_')}"
+        print(f"=== {name}", flush=True)
+        sets.append(check(name, f"the owner's parameters with {kind}, re-rendered", write_set(name, images), images))
+    # other real protection runs (their own keys), e.g. another method's run on the same images
+    for other in [o for o in (options.get("others") or "").split(",") if o]:
+        other_doc = json.loads(Path(other).read_text())
+        other_root = Path(other_doc["protected_dir"])
+        other_cert = load_certificate(other_doc["certificates"])
+        images = {e["image_id"]: _read_image(other_root / e["protected_path"]) for e in other_cert["entries"]
+                  if e["image_id"] in certified}
+        name = f"other_run_{Path(other).resolve().parents[1].name}"
+        print(f"=== {name}", flush=True)
+        sets.append(check(name, "images of another protection run (its own keys)", other_root, images))
+        sets[-1]["signature_check"] = check(f"{name}_signature", "that run's kit under the owner's public key",
+                                            other_root, images, [f"public_key={doc['public_key']}"],
+                                            secret_over=Path(other))
+
+    # Ind-W: another owner's secret against the owner's protected set; positive control: the owner's own
+    ind_w = []
+    if others:
+        name, folder, _ = others[0]
+        ind_w.append(check("ind_w_other_secret", "another owner's secret (certificate + public key) vs the "
+                           "owner's protected images", prot_dir, certified, secret_over=folder / "secret.json",
+                           impostors=False))
+        ind_w.append(check("ind_w_other_public_key", "the owner's certificate under another owner's public key",
+                           prot_dir, certified, [f"public_key={folder / 'public_key.pem'}"], impostors=False))
+    control = check("owner_control", "the owner's secret vs the owner's protected images (must verify)", prot_dir,
+                    certified, impostors=False)
+    claims = sum(s["false_image_claims"] for s in sets) + sum(s.get("signature_check", {}).get(
+        "false_image_claims", 0) for s in sets)
+    set_claims = sum(s["verified"] for s in sets) + sum(bool(s.get("signature_check", {}).get("verified"))
+                                                        for s in sets)
+    forged_sigs = sum(bool(s["signature_check"]["signature_valid"]) for s in sets if "signature_check" in s)
+    margins = [s["min_pixels_differing"] for s in sets if s["min_pixels_differing"] is not None]
+    levels = [s["min_max_level_difference"] for s in sets if s["min_max_level_difference"] is not None]
+    result = {
+        "benchmark": "false_positives", "method": doc["method"], "secret": str(secret), "K": len(sets),
+        "images_per_set": len(entries), "claim": "certificate: Ed25519 signature under the owner's public key and a "
+        "bit-exact re-render of every presented image from its original",
+        "sets": sets, "false_claims": set_claims, "false_image_claims": claims,
+        "foreign_signatures_accepted": forged_sigs,
+        "smallest_margin_pixels": min(margins) if margins else None,
+        "smallest_margin_levels": min(levels) if levels else None,
+        "ind_w": ind_w, "ind_w_false_claims": sum(c["verified"] for c in ind_w) + sum(c["false_image_claims"]
+                                                                                      for c in ind_w),
+        "owner_control": control, "seconds": round(time.time() - started, 1),
+        "failed_runs": sum(s["exit_code"] == 2 for s in sets + ind_w),
+    }
+    (out / "false_positives.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "false_positives.md").write_text(render_advmark_markdown(result))
+    print(f"\nfalse positives ({doc['method']}): {set_claims}/{len(sets)} sets verified, {claims} image claims among "
+          f"{len(sets) * len(entries)} images; foreign signatures accepted {forged_sigs}; smallest margin "
+          f"{result['smallest_margin_pixels']} px / {result['smallest_margin_levels']} grey levels; Ind-W claims "
+          f"{result['ind_w_false_claims']}; owner control verified={control['verified']}; "
+          f"{out / 'false_positives.md'}", flush=True)
+    ok = result["failed_runs"] == 0 and control["verified"]
+    return 0 if ok else 1
+
+
+def render_advmark_markdown(doc: dict) -> str:
+    def row(s: dict) -> str:
+        sig = s.get("signature_check")
+        return (f"| {s['name']} | {s['kind']} | {s['exit_code']} | {fmt(s['verified'])} | "
+                f"{fmt(s['signature_valid'])} | {s['false_image_claims']}/{s['images']} | "
+                f"{s['identical_to_certified']} | {fmt(s['min_pixels_differing'])} | "
+                f"{fmt(s['min_max_level_difference'])} | "
+                f"{'—' if sig is None else ('accepted' if sig['signature_valid'] else 'rejected')} |")
+
+    header = ["| set | what | exit | verified | signature | image claims | identical | min px differing | "
+              "min max level diff | their certificate, owner's key |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# False positives of the {doc['method']} certificate check", "",
+             f"- claim = {doc['claim']}",
+             f"- **{doc['false_claims']} of {doc['K']} image sets not protected by the owner verified; "
+             f"{doc['false_image_claims']} image claims among {doc['K'] * doc['images_per_set']} images; "
+             f"{doc['foreign_signatures_accepted']} foreign certificates accepted under the owner's key**",
+             f"- smallest margin: {fmt(doc['smallest_margin_pixels'])} pixels differing from the certified image "
+             f"(largest difference at least {fmt(doc['smallest_margin_levels'])} grey levels)",
+             f"- owner control (own secret, own images): verified = {fmt(doc['owner_control']['verified'])}, "
+             f"{doc['owner_control']['rerender_passed']}/{doc['owner_control']['images']} re-rendered",
+             f"- {doc['seconds']:.0f} s", "", "## Image sets not protected by the owner", "", *header,
+             *[row(s) for s in doc["sets"]], "", "## Another owner's secret against the owner's images (Ind-W)", "",
+             *header, *[row(s) for s in doc["ind_w"]], ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     known = {"secret": None, "K": "10", "out": "logs/false_positives", "backbones": "own", "seed0": "1000",
              "epochs": "1", "train_batches": "", "preset": "quick", "device": "cpu", "suspect": None,
-             "other": None, "ind_w": "true"}
+             "other": None, "ind_w": "true", "others": ""}
     options, verify_over = parse_args(sys.argv[1:] if argv is None else argv, known, USAGE)
     if not options["secret"]:
         print(f"error: secret= is required\n{USAGE}", file=sys.stderr)
@@ -238,14 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if method not in ("stealthmark", "xmark"):
-        print(f"error: the false-positive study verifies models (stealthmark, xmark); the secret is {method}",
-              file=sys.stderr)
+    if method not in ("stealthmark", "xmark", *ADVMARK_METHODS):
+        print(f"error: the false-positive study covers stealthmark, xmark, medlocker and miadmark; the secret is "
+              f"{method}", file=sys.stderr)
         return 2
     doc = json.loads(secret.read_text())
     out = Path(options["out"])
     out = out if out.is_absolute() else (_ROOT / out)
     out.mkdir(parents=True, exist_ok=True)
+    if method in ADVMARK_METHODS:
+        return advmark_false_positives(options, secret, doc, out, verify_over)
     data = dict(doc["verification"]["data"])
     if method == "stealthmark":
         from watermark.owner_kit import read_secret, secret_sha256

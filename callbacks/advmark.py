@@ -210,6 +210,8 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
             "protected_sha256": sha256_array(r["protected"]), "logo_sha256": sha256_array(logo),
             "x": r["x"], "y": r["y"], "alpha": r["alpha"], "scale": r["scale"],
             "delta_sha256": None if r["delta"] is None else sha256_array(r["delta"]),
+            "delta_scope": r.get("delta_scope", "footprint"), "placement": r.get("placement", "mark"),
+            "dilation_px": r.get("dilation_px"),
             "threshold": r["threshold"], "protected_path": rel_paths[r["id"]],
         })
     (restore_dir / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -226,15 +228,27 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
     summary = {
         "method": module.variant, "search": module.search, "num_images": n, "num_protected": len(done),
         "accuracy": {v: acc(v) for v in ("clean", "protected", "median", "jpeg", "inpaint")},
+        "accuracy_protected_only": {v: acc(v, done) for v in ("clean", "protected", "median", "jpeg", "inpaint")},
         "success_rate": None if not done else sum(r["pred_protected"] != r["label"] for r in done) / len(done),
-        "alpha_mean": None if not done else float(np.mean([r["alpha"] for r in done])),
+        "success_rate_all": sum(r["pred_protected"] != r["label"] for r in records) / n,
+        "placements": {k: sum(r.get("placement", "mark") == k for r in records) for k in ("mark", "delta_only",
+                                                                                            "none")},
+        "scales": {str(s): sum(r["scale"] == s and r.get("placement", "mark") == "mark" for r in records)
+                   for s in sorted({r["scale"] for r in records})},
+        "dilation_px": {str(d): sum(r.get("dilation_px") == d and r.get("placement", "mark") == "mark"
+                                    for r in records) for d in sorted({r.get("dilation_px") for r in records
+                                                                       if r.get("dilation_px") is not None})},
+        "changed_in_region_px": int(sum(r.get("changed_in_region_px", 0) for r in records)),
+        "alpha_mean": None if not [r for r in done if r.get("placement", "mark") == "mark"] else
+        float(np.mean([r["alpha"] for r in done if r.get("placement", "mark") == "mark"])),
         "overlap_px_total": int(sum(r["overlap_px"] for r in records)),
         "lesion_max_change": int(max(r["lesion_max_change"] for r in records)),
         "psnr_mean": float(np.mean([r["psnr"] for r in done if math.isfinite(r["psnr"])] or [float("nan")])),
         "queries_median": float(np.median(queries)) if queries else None,
         "removal": {"median_k": module.removal_cfg["median_k"], "jpeg_quality": module.removal_cfg["jpeg_quality"],
                     "inpaint_radius": module.removal_cfg["inpaint_radius"]},
-        "images": [{k: r[k] for k in ("id", "label", "x", "y", "alpha", "queries", "overlap_px", "pred_clean",
+        "images": [{k: r.get(k) for k in ("id", "label", "placement", "x", "y", "alpha", "scale", "dilation_px",
+                                          "queries", "overlap_px", "pred_clean",
                                       "pred_protected", "pred_median", "pred_jpeg", "pred_inpaint")} for r in records],
     }
     (out / "protection.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")

@@ -44,13 +44,14 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from lightning_modules.adapters import open_suspect
 from lightning_modules.base import to_plain
 from lightning_modules.task import TaskModule
 from watermark.blackbox_search import QueryCounter, SearchConfig, blackbox_search, quantise
 from watermark.footprint_pgd import pgd_on_footprint
 from watermark.logo import composite, composite_soft, footprint, logo_mask, render_protected, render_qr_logo, \
     render_text_logo
-from watermark.regions import allowed_positions, boxes_from_mask, region_from_boxes, region_from_saliency
+from watermark.regions import allowed_positions, boxes_from_mask, fit_mark, region_from_boxes, region_from_saliency
 from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
 
 log = logging.getLogger("medmark.advmark")
@@ -170,7 +171,18 @@ class AdvMarkModule(TaskModule):
         delta: ``epsilon`` (L∞, pixel units; 0 = off), ``steps``, ``step_size`` (null = auto).
             Used only by ``miadmark`` with the white-box search.
         blackbox: :class:`watermark.blackbox_search.SearchConfig` fields, plus ``suspect``
-            (a classification checkpoint queried instead of the surrogate; null = surrogate).
+            (a model reached only through queries, instead of the surrogate: any suspect adapter
+            of :func:`lightning_modules.adapters.open_suspect` -- ``.ckpt``, TorchScript, ONNX or an
+            ``http(s)://`` URL; null = the surrogate) and ``http`` (the HTTP adapter's options:
+            timeout, retries, query_budget, ...).
+        fallback: what to do for an image whose lesion region leaves no room for the mark at
+            ``scale`` with ``region.dilation_px``: ``scales`` -- smaller logo scales tried in turn;
+            ``min_dilation_px`` -- the lesion boxes' margin is then shrunk one pixel at a time,
+            down to this, only as far as needed (the lesion pixels themselves are never
+            released); ``delta_only`` -- MIAD-MARK with δ: if still no position fits, δ (same
+            PGD, same ε) acts on the whole lesion-free area instead of a mark's footprint
+            (certificate field ``delta_scope: image``). Images that still cannot be protected
+            keep their original pixels and are reported.
         task_terms: loss terms that train the surrogate; placement_terms: the placement's.
         surrogate_checkpoint: a trained ``method=task`` checkpoint loaded into ``self.model``.
         ensemble_checkpoints: further surrogates (any architecture) in the white-box ensemble.
@@ -194,9 +206,11 @@ class AdvMarkModule(TaskModule):
         placement_terms: list[str] | None = None,
         surrogate_checkpoint: str | None = None,
         ensemble_checkpoints: list[str] | None = None,
+        fallback: dict | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        fallback = to_plain(fallback) or {}
         logo, alpha_range, region, placement, delta, blackbox, removal = (
             to_plain(v) for v in (logo, alpha_range, region, placement, delta, blackbox, removal))
         task_terms, placement_terms, ensemble_checkpoints = (
@@ -226,6 +240,7 @@ class AdvMarkModule(TaskModule):
             "search": search, "scale": float(scale), "task_terms": self_list(task_terms, ["ce"]),
             "placement_terms": self_list(placement_terms, ["adversarial", "overlap"]),
             "surrogate_checkpoint": surrogate_checkpoint, "ensemble_checkpoints": list(ensemble_checkpoints or []),
+            "fallback": dict(fallback),
         })
         self.variant = variant
         self.search = search
@@ -237,11 +252,21 @@ class AdvMarkModule(TaskModule):
         self.delta_cfg = dict(delta)
         self.blackbox_cfg = dict(blackbox)
         self.removal_cfg = dict(removal)
+        scales = [float(v) for v in fallback.get("scales", [])]
+        if any(not v > 0 for v in scales):
+            raise ValueError(f"method.fallback.scales must be > 0, got {scales}")
+        self.scale_ladder = [self.logo_scale] + [v for v in scales if v != self.logo_scale]
+        dil = int(region.get("dilation_px", 0))
+        min_dil = int(fallback.get("min_dilation_px", dil))
+        if not 0 <= min_dil:
+            raise ValueError(f"method.fallback.min_dilation_px must be >= 0, got {min_dil}")
+        self.dilation_ladder = list(range(dil, min(min_dil, dil) - 1, -1))
+        self.delta_only = bool(fallback.get("delta_only", False))
         self.ensemble: list[nn.Module] = []  # not submodules: never saved in this module's checkpoint
         self.ensemble_paths = list(ensemble_checkpoints or [])
         self.records: list[dict] = []
         self._logo_cache: dict[int, np.ndarray] = {}
-        self._blackbox_oracle: ClassifierSuspect | None = None
+        self._blackbox_oracle: Any = None
         if surrogate_checkpoint:
             surrogate, _ = load_classifier_checkpoint(surrogate_checkpoint)
             try:
@@ -282,8 +307,13 @@ class AdvMarkModule(TaskModule):
             model, _ = load_classifier_checkpoint(path)
             self.ensemble.append(model.to(self.device).eval())
         suspect = self.blackbox_cfg.get("suspect")
-        self._blackbox_oracle = ClassifierSuspect(suspect, self.device) if self.search == "blackbox" and suspect \
-            else None
+        self._blackbox_oracle = None
+        if self.search == "blackbox" and suspect:
+            # any adapter: checkpoint, TorchScript, ONNX or an HTTP endpoint, seen only through predict()
+            self._blackbox_oracle = open_suspect(str(suspect), task="classification", device=self.device,
+                                                 http=self.blackbox_cfg.get("http"),
+                                                 num_classes=int(self.hparams.num_classes))
+            log.info("black-box search queries %s", getattr(self._blackbox_oracle, "kind", "suspect"))
 
     def surrogates(self) -> list[nn.Module]:
         return [self.model] + self.ensemble
@@ -291,12 +321,13 @@ class AdvMarkModule(TaskModule):
     def ensemble_logits(self, images: Tensor) -> list[Tensor]:
         return [m(images) for m in self.surrogates()]
 
-    def lesion_regions(self, batch: dict[str, Any]) -> tuple[np.ndarray, list[int | None]]:
-        """Bool B×H×W lesion regions (union of the configured sources) and the CAM threshold used."""
+    def lesion_parts(self, batch: dict[str, Any]) -> tuple[list[np.ndarray | None], np.ndarray, list[int | None]]:
+        """Per image: the lesion mask (bool H×W, None when not a source / not annotated), the
+        Grad-CAM region (bool B×H×W, all False when not a source) and the CAM threshold used."""
         images = batch["image"]
         B, _, H, W = images.shape
-        region = np.zeros((B, H, W), dtype=bool)
         sources = self.region_cfg["sources"]
+        masks: list[np.ndarray | None] = [None] * B
         thresholds: list[int | None] = [None] * B
         if "lesion_mask" in sources:
             if "lesion_mask" not in batch:
@@ -309,16 +340,51 @@ class AdvMarkModule(TaskModule):
                         raise ValueError(f"image {batch['id'][b]} has no lesion annotation; an unannotated image "
                                          "is not known to be lesion-free (add gradcam to method.region.sources)")
                     continue
-                boxes = boxes_from_mask(batch["lesion_mask"][b, 0].cpu().numpy() > 0.5,
-                                        int(self.region_cfg.get("dilation_px", 0)))
-                region[b] |= region_from_boxes(boxes, H, W)
+                masks[b] = batch["lesion_mask"][b, 0].cpu().numpy() > 0.5
+        cam_region = np.zeros((B, H, W), dtype=bool)
         if "gradcam" in sources:
             cams = self.gradcam(images, batch["label"])
             t = int(self.region_cfg["threshold_255"])
             for b in range(B):
-                region[b] |= region_from_saliency(cams[b], t, int(self.region_cfg.get("cam_dilation_px", 0)))
+                cam_region[b] = region_from_saliency(cams[b], t, int(self.region_cfg.get("cam_dilation_px", 0)))
                 thresholds[b] = t
+        return masks, cam_region, thresholds
+
+    def lesion_regions(self, batch: dict[str, Any]) -> tuple[np.ndarray, list[int | None]]:
+        """Bool B×H×W lesion regions (union of the configured sources, full box margin) and the CAM threshold."""
+        masks, cam_region, thresholds = self.lesion_parts(batch)
+        _, _, H, W = batch["image"].shape
+        region = cam_region.copy()
+        for b, m in enumerate(masks):
+            if m is not None:
+                region[b] |= region_from_boxes(boxes_from_mask(m, int(self.region_cfg.get("dilation_px", 0))), H, W)
         return region, thresholds
+
+    def plan_regions(self, batch: dict[str, Any], logo: np.ndarray) -> list[dict]:
+        """Per image, the first (margin, scale) of the fallback ladder at which the mark fits.
+
+        Margins go from ``region.dilation_px`` down to ``fallback.min_dilation_px`` (outer loop,
+        so the margin is shrunk only when no scale fits), scales from ``scale`` through
+        ``fallback.scales`` (inner loop). Returns dicts ``region`` (bool H×W, the region the
+        protection must avoid, with the margin used), ``allowed`` (top-left positions, or None),
+        ``scale``, ``dilation_px``, ``kind`` (``mark`` | ``delta_only`` | ``none``), ``threshold``.
+        The lesion pixels are inside every region of the ladder (margin 0 = the boxes themselves).
+        """
+        masks, cam_region, thresholds = self.lesion_parts(batch)
+        B, _, H, W = batch["image"].shape
+        use_delta = self.variant == "miadmark" and self.search == "whitebox" and float(self.delta_cfg["epsilon"]) > 0
+        logo_masks = {s: logo_mask(logo, s) for s in self.scale_ladder}
+        plans = []
+        for b in range(B):
+            region, allowed, scale, d = fit_mark(masks[b], cam_region[b], logo_masks, self.dilation_ladder)
+            if allowed is not None:
+                plan = {"region": region, "allowed": allowed, "scale": scale, "dilation_px": d, "kind": "mark"}
+            else:  # δ-only keeps the full margin: it is not bound to a logo's shape
+                kind = "delta_only" if use_delta and self.delta_only and not region.all() else "none"
+                plan = {"region": region, "allowed": None, "scale": self.logo_scale, "dilation_px": d, "kind": kind}
+            plan["threshold"] = thresholds[b]
+            plans.append(plan)
+        return plans
 
     def gradcam(self, images: Tensor, labels: Tensor) -> np.ndarray:
         """Grad-CAM of the surrogate for the true class, B×H×W float in [0, 1] (grad-cam package)."""
@@ -354,18 +420,25 @@ class AdvMarkModule(TaskModule):
                 total = total + term.weight * term.per_image(outputs, batch)
         return total
 
-    def soft_footprint(self, logo: np.ndarray, B: int, H: int, W: int, tx, ty, z) -> Tensor:
+    def soft_footprint(self, logo: np.ndarray, B: int, H: int, W: int, tx, ty, z, scales=None) -> Tensor:
         """``alpha * A`` of the translated logo, B×1×H×W (differentiable)."""
         white = logo.copy()
         white[..., :3] = 1.0
         zeros = torch.zeros(B, 1, H, W, device=self.device)
-        return composite_soft(zeros, white, tx, ty, z, self.logo_scale)
+        return composite_soft(zeros, white, tx, ty, z, self.logo_scale if scales is None else scales)
 
     def place_whitebox(self, images: Tensor, labels: Tensor, region: np.ndarray, allowed: list[np.ndarray],
-                       logo: np.ndarray) -> list[dict]:
-        """Optimise ``(x, y, alpha)`` per image; returns one dict per image (x, y, alpha, score)."""
+                       logo: np.ndarray, scales: list[float] | None = None) -> list[dict]:
+        """Optimise ``(x, y, alpha)`` per image (logo scale ``scales[b]``); one dict per image (x, y, alpha, score)."""
         cfg = self.placement_cfg
         B, _, H, W = images.shape
+        scales = [self.logo_scale] * B if scales is None else [float(v) for v in scales]
+        scale_t = torch.tensor(scales, device=self.device, dtype=images.dtype)
+        sizes = [logo_mask(logo, sc).shape for sc in scales]
+        x_lo = torch.tensor([-w / 2 for _, w in sizes], device=self.device)
+        x_hi = torch.tensor([W - w / 2 for _, w in sizes], device=self.device)
+        y_lo = torch.tensor([-h / 2 for h, _ in sizes], device=self.device)
+        y_hi = torch.tensor([H - h / 2 for h, _ in sizes], device=self.device)
         lo, hi = self.alpha_range
         zlo, zhi = _logit(lo), _logit(hi)
         rng = np.random.default_rng(int(cfg.get("seed", 0)))
@@ -381,21 +454,21 @@ class AdvMarkModule(TaskModule):
             with torch.enable_grad():
                 for _step in range(int(cfg["steps"])):
                     opt.zero_grad()
-                    marked = composite_soft(images, logo, tx, ty, z, self.logo_scale)
+                    marked = composite_soft(images, logo, tx, ty, z, scale_t)
                     outputs = {"ensemble_logits": self.ensemble_logits(marked),
-                               "soft_footprint": self.soft_footprint(logo, B, H, W, tx, ty, z)}
+                               "soft_footprint": self.soft_footprint(logo, B, H, W, tx, ty, z, scale_t)}
                     self._per_image_terms(outputs, batch).sum().backward()
                     opt.step()
                     with torch.no_grad():
                         z.clamp_(zlo, zhi)
-                        tx.clamp_(-logo.shape[1] / 2, W - logo.shape[1] / 2)
-                        ty.clamp_(-logo.shape[0] / 2, H - logo.shape[0] / 2)
+                        tx.copy_(torch.maximum(torch.minimum(tx, x_hi), x_lo))
+                        ty.copy_(torch.maximum(torch.minimum(ty, y_hi), y_lo))
             # snap to the nearest region-free integer position, re-check exactly (uint8 grid)
             snapped = [self._nearest_allowed(allowed[b], float(tx[b]), float(ty[b])) for b in range(B)]
             alphas = [round(float(torch.sigmoid(z[b])), 4) for b in range(B)]
             with torch.no_grad():
                 exact = quantise(composite(images, logo, [s[0] for s in snapped], [s[1] for s in snapped], alphas,
-                                           self.logo_scale))
+                                           scales))
                 logits = self.ensemble_logits(exact)
                 ce = torch.stack([F.cross_entropy(lg.float(), labels, reduction="none") for lg in logits]).mean(0)
                 fooled = logits[0].argmax(1) != labels
@@ -406,16 +479,17 @@ class AdvMarkModule(TaskModule):
         return best  # type: ignore[return-value]
 
     def place_blackbox(self, images: Tensor, labels: Tensor, allowed: list[np.ndarray],
-                       logo: np.ndarray) -> list[dict]:
+                       logo: np.ndarray, scales: list[float] | None = None) -> list[dict]:
         predict = self._blackbox_oracle.predict if self._blackbox_oracle is not None else \
             (lambda x: torch.softmax(self.model(x.to(self.device)).float(), 1))
-        fields = {k: v for k, v in self.blackbox_cfg.items() if k != "suspect"}
+        fields = {k: v for k, v in self.blackbox_cfg.items() if k not in ("suspect", "http")}
         fields["alpha_range"] = tuple(self.alpha_range)
+        scales = [self.logo_scale] * images.shape[0] if scales is None else [float(v) for v in scales]
         out = []
         for b in range(images.shape[0]):
             config = SearchConfig(**{**fields, "seed": int(fields.get("seed", 0)) + len(self.records) + b})
             counter = QueryCounter(predict)
-            res = blackbox_search(counter, images[b], int(labels[b]), logo, allowed[b], config, self.logo_scale)
+            res = blackbox_search(counter, images[b], int(labels[b]), logo, allowed[b], config, scales[b])
             out.append({"x": res.x, "y": res.y, "alpha": round(res.alpha, 4), "queries": res.queries,
                         "blackbox_success": res.success})
         return out
@@ -426,28 +500,35 @@ class AdvMarkModule(TaskModule):
         if H != W:
             raise ValueError(f"MedLocker/MIAD-MARK expects square images (data.image_size), got {H}x{W}")
         logo = self.logo_for(H)
-        mask = logo_mask(logo, self.logo_scale)
-        region, thresholds = self.lesion_regions(batch)
-        allowed = [allowed_positions(region[b], mask) for b in range(B)]
-        room = [bool(a.any()) for a in allowed]
-        todo = [b for b in range(B) if room[b]]
+        plans = self.plan_regions(batch, logo)
+        region = np.stack([p["region"] for p in plans])
+        thresholds = [p["threshold"] for p in plans]
+        scales = [p["scale"] for p in plans]
+        todo = [b for b in range(B) if plans[b]["kind"] == "mark"]
+        delta_only = [b for b in range(B) if plans[b]["kind"] == "delta_only"]
         placements: list[dict | None] = [None] * B
         if todo:
             sub = torch.tensor(todo, device=images.device)
-            found = (self.place_whitebox(images[sub], labels[sub], region[todo], [allowed[b] for b in todo], logo)
+            allowed = [plans[b]["allowed"] for b in todo]
+            sub_scales = [scales[b] for b in todo]
+            found = (self.place_whitebox(images[sub], labels[sub], region[todo], allowed, logo, sub_scales)
                      if self.search == "whitebox" else
-                     self.place_blackbox(images[sub], labels[sub], [allowed[b] for b in todo], logo))
+                     self.place_blackbox(images[sub], labels[sub], allowed, logo, sub_scales))
             for b, p in zip(todo, found):
                 placements[b] = p
+        for b in delta_only:  # no mark: δ over the lesion-free area (alpha 0 draws nothing)
+            placements[b] = {"x": 0, "y": 0, "alpha": 0.0}
         use_delta = self.variant == "miadmark" and self.search == "whitebox" and float(self.delta_cfg["epsilon"]) > 0
         deltas: dict[int, np.ndarray] = {}
-        if use_delta and todo:
-            sub = torch.tensor(todo, device=images.device)
-            marked = composite(images[sub], logo, [placements[b]["x"] for b in todo],
-                               [placements[b]["y"] for b in todo], [placements[b]["alpha"] for b in todo],
-                               self.logo_scale)
-            fps = torch.from_numpy(np.stack([footprint(H, W, logo, placements[b]["x"], placements[b]["y"],
-                                                       self.logo_scale) for b in todo])).to(images.device)
+        mark_fps = {b: footprint(H, W, logo, placements[b]["x"], placements[b]["y"], scales[b]) for b in todo}
+        delta_targets = (todo if use_delta else []) + delta_only
+        if delta_targets:
+            sub = torch.tensor(delta_targets, device=images.device)
+            marked = composite(images[sub], logo, [placements[b]["x"] for b in delta_targets],
+                               [placements[b]["y"] for b in delta_targets],
+                               [placements[b]["alpha"] for b in delta_targets], [scales[b] for b in delta_targets])
+            fps = torch.from_numpy(np.stack([mark_fps[b] if b in mark_fps else ~region[b]
+                                             for b in delta_targets])).to(images.device)
 
             def loss_fn(x: Tensor) -> Tensor:
                 return torch.stack([F.cross_entropy(lg.float(), labels[sub], reduction="none")
@@ -456,28 +537,34 @@ class AdvMarkModule(TaskModule):
             gen = torch.Generator().manual_seed(int(self.placement_cfg.get("seed", 0)) + batch_idx)
             delta = pgd_on_footprint(loss_fn, marked, fps, float(self.delta_cfg["epsilon"]),
                                      int(self.delta_cfg["steps"]), self.delta_cfg.get("step_size"), generator=gen)
-            for j, b in enumerate(todo):
+            for j, b in enumerate(delta_targets):
                 deltas[b] = delta[j].permute(1, 2, 0).cpu().numpy().astype(np.float32)
 
         originals = [to_uint8_hwc(images[b]) for b in range(B)]
-        protected, fps_all = [], []
+        protected, fps_all, visible_all = [], [], []
         for b in range(B):
             p = placements[b]
             if p is None:
                 protected.append(originals[b].copy())
                 fps_all.append(np.zeros((H, W), dtype=bool))
+                visible_all.append(np.zeros((H, W), dtype=bool))
                 continue
-            protected.append(render_protected(originals[b], logo, p["x"], p["y"], p["alpha"], self.logo_scale,
-                                              deltas.get(b)))
-            fps_all.append(footprint(H, W, logo, p["x"], p["y"], self.logo_scale))
+            scope = "image" if plans[b]["kind"] == "delta_only" else "footprint"
+            protected.append(render_protected(originals[b], logo, p["x"], p["y"], p["alpha"], scales[b],
+                                              deltas.get(b), delta_scope=scope))
+            visible = mark_fps.get(b, np.zeros((H, W), dtype=bool))
+            visible_all.append(visible)
+            # everything the protection may change (restore data): the mark, or δ's lesion-free support
+            fps_all.append(visible if scope == "footprint" else ~region[b])
         prot_t = torch.stack([from_uint8_hwc(a) for a in protected]).to(images.device)
-        fp_t = torch.from_numpy(np.stack(fps_all))
         views = {
             "clean": images,
             "protected": prot_t,
             "median": median_filter(prot_t, int(self.removal_cfg["median_k"])),
             "jpeg": jpeg(prot_t, int(self.removal_cfg["jpeg_quality"])),
-            "inpaint": inpaint_footprint(prot_t, fp_t, int(self.removal_cfg["inpaint_radius"])),
+            # the attacker inpaints what they can see: the mark (nothing for δ-only images)
+            "inpaint": inpaint_footprint(prot_t, torch.from_numpy(np.stack(visible_all)),
+                                         int(self.removal_cfg["inpaint_radius"])),
         }
         preds = {name: self.model(v).argmax(1) for name, v in views.items()}
         lesion = batch["lesion_mask"][:, 0].cpu().numpy() > 0.5 if "lesion_mask" in batch else np.zeros((B, H, W), bool)
@@ -487,12 +574,16 @@ class AdvMarkModule(TaskModule):
             mse = float(((protected[b].astype(np.float64) - originals[b]) ** 2).mean())
             self.records.append({
                 "id": ids[b], "label": int(labels[b]), "protected_ok": p is not None,
+                "placement": plans[b]["kind"], "dilation_px": int(plans[b]["dilation_px"]),
+                "delta_scope": "image" if plans[b]["kind"] == "delta_only" else "footprint",
                 "x": None if p is None else int(p["x"]), "y": None if p is None else int(p["y"]),
-                "alpha": None if p is None else float(p["alpha"]), "scale": self.logo_scale,
+                "alpha": None if p is None else float(p["alpha"]), "scale": float(scales[b]),
                 "threshold": thresholds[b], "delta": deltas.get(b), "original": originals[b],
-                "protected": protected[b], "footprint": fps_all[b], "region": region[b],
+                "protected": protected[b], "footprint": fps_all[b], "mark_footprint": visible_all[b],
+                "region": region[b],
                 "queries": None if p is None else p.get("queries"),
                 "overlap_px": int((fps_all[b] & region[b]).sum()),
+                "changed_in_region_px": int((diff[region[b]] > 0).sum()),
                 "lesion_max_change": int(diff[lesion[b]].max()) if lesion[b].any() else 0,
                 "psnr": float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse),
                 **{f"pred_{k}": int(v[b]) for k, v in preds.items()},
@@ -501,11 +592,13 @@ class AdvMarkModule(TaskModule):
         for name, pred in preds.items():
             self.log(f"test/acc_{name}", (pred == labels).float().mean(), batch_size=B)
         self.log("test/success_rate", (preds["protected"] != labels).float().mean(), batch_size=B)
-        self.log("test/protected_fraction", sum(room) / n, batch_size=B)
+        self.log("test/protected_fraction", sum(p is not None for p in placements) / n, batch_size=B)
+        self.log("test/mark_fraction", len(todo) / n, batch_size=B)
         done = [b for b in range(B) if placements[b] is not None]
         if done:
             k = len(done)
-            self.log("test/alpha", sum(placements[b]["alpha"] for b in done) / k, batch_size=k)
+            if todo:
+                self.log("test/alpha", sum(placements[b]["alpha"] for b in todo) / len(todo), batch_size=len(todo))
             self.log("test/overlap_px", float(sum(self.records[-B + b]["overlap_px"] for b in done)), batch_size=k,
                      reduce_fx="sum")
             self.log("test/lesion_max_change", float(max(self.records[-B + b]["lesion_max_change"] for b in done)),
@@ -513,8 +606,9 @@ class AdvMarkModule(TaskModule):
             psnrs = [self.records[-B + b]["psnr"] for b in done if math.isfinite(self.records[-B + b]["psnr"])]
             if psnrs:
                 self.log("test/psnr", sum(psnrs) / len(psnrs), batch_size=len(psnrs))
-            if self.search == "blackbox":
-                self.log("test/queries_per_image", sum(placements[b]["queries"] for b in done) / k, batch_size=k)
+            if self.search == "blackbox" and todo:
+                self.log("test/queries_per_image", sum(placements[b]["queries"] for b in todo) / len(todo),
+                         batch_size=len(todo))
         if batch_idx == 0:
             n_panel = min(int(self.hparams.panel_size), B)
             self.panel = {"original": images[:n_panel].cpu(), "protected": prot_t[:n_panel].cpu(),

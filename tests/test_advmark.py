@@ -326,3 +326,86 @@ def test_evaluate_mode_reports_accuracy_on_original_protected_and_after_removal(
         sum(i["pred_protected"] == i["label"] for i in done) / len(done))
     missing = _verify([f"secret={run_dir / 'owner' / 'secret.json'}", "mode=evaluate", f"out={tmp / 'e2'}"])
     assert missing.returncode == 2 and "suspect=" in missing.stderr
+
+
+@pytest.mark.slow
+def test_miadmark_run_protects_every_image_with_mark_or_delta_only(miad_run):
+    """The fallback ladder: no image is left unprotected; δ-only images keep the lesion region exact."""
+    run_dir, _ = miad_run
+    summary = json.loads((run_dir / "protection.json").read_text())
+    assert summary["placements"]["none"] == 0 and summary["num_protected"] == summary["num_images"]
+    assert summary["changed_in_region_px"] == 0  # nothing changed inside the (margin-shrunk) region
+    cert = json.loads((run_dir / "certificates.json").read_text())
+    for e in cert["entries"]:
+        assert e["delta_scope"] == ("image" if e["placement"] == "delta_only" else "footprint")
+        if e["placement"] == "delta_only":
+            assert e["alpha"] == 0.0 and e["delta_sha256"]
+    assert summary["accuracy"]["protected"] <= summary["accuracy"]["clean"]
+
+
+@pytest.fixture(scope="module")
+def http_suspect(miad_run):
+    """``python -m utils.serve`` on the miniature surrogate, on loopback; yields the base URL."""
+    run_dir, _ = miad_run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "utils.serve", str(run_dir / "checkpoints" / "last.ckpt"),
+                             "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_blackbox_search_against_a_suspect_reached_only_over_http(miad_run, http_suspect):
+    """method.blackbox.suspect=<URL>: the placement is found through the HTTP adapter, every query counted."""
+    import urllib.request
+
+    run_dir, tmp = miad_run
+    with urllib.request.urlopen(http_suspect + "/health") as r:
+        before = json.loads(r.read())["queries"]
+    budget = 40
+    proc, bb_dir = run_train(["experiment=medlocker_synthetic", *TINY_ADV, "method.search=blackbox",
+                              f"method.blackbox.suspect={http_suspect}/predict", f"method.blackbox.query_budget={budget}",
+                              "method.blackbox.population=8", "+method.blackbox.http.max_batch=8",
+                              f"method.surrogate_checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
+                              "trainer.min_epochs=0", "trainer.max_epochs=0"], tmp, run_name="bb_http")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with urllib.request.urlopen(http_suspect + "/health") as r:
+        served = json.loads(r.read())["queries"] - before
+    summary = json.loads((bb_dir / "protection.json").read_text())
+    queries = [i["queries"] for i in summary["images"] if i["queries"] is not None]
+    assert queries and all(1 <= q <= budget for q in queries)
+    assert served == sum(queries)  # the server answered exactly the counted queries, nothing else
+    assert summary["search"] == "blackbox" and summary["lesion_max_change"] == 0
+    bad, _ = run_train(["experiment=medlocker_synthetic", *TINY_ADV, "method.search=blackbox",
+                        f"method.blackbox.suspect={tmp / 'missing.onnx'}",
+                        f"method.surrogate_checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
+                        "trainer.min_epochs=0", "trainer.max_epochs=0"], tmp, run_name="bb_missing")
+    assert bad.returncode != 0 and "missing.onnx" in bad.stderr
+
+
+@pytest.mark.slow
+def test_false_positive_study_claims_nothing_the_owner_did_not_protect(miad_run):
+    """benchmarks/false_positives.py on a MIAD-MARK kit: clean, other owners, perturbed re-renders -> 0 claims,
+    while the owner's own images verify (the check has power) and a foreign key is never accepted."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from false_positives import main as fp_main
+
+    run_dir, tmp = miad_run
+    out = tmp / "fp"
+    code = fp_main([f"secret={run_dir / 'owner' / 'secret.json'}", "K=7", f"out={out}"])
+    result = json.loads((out / "false_positives.json").read_text())
+    assert code == 0 and result["K"] == 7 and result["failed_runs"] == 0
+    assert result["false_claims"] == 0 and result["false_image_claims"] == 0 and result["ind_w_false_claims"] == 0
+    assert result["foreign_signatures_accepted"] == 0 and result["smallest_margin_pixels"] >= 1
+    kinds = {s["name"] for s in result["sets"]}
+    assert {"clean_originals", "other_owner_1", "perturbed_x+1", "perturbed_delta_changed"} <= kinds
+    other = next(s for s in result["sets"] if s["name"] == "other_owner_1")["signature_check"]
+    assert other["rerender_passed"] == other["images"] and other["signature_valid"] is False  # only the key fails
+    control = result["owner_control"]
+    assert control["verified"] and control["false_image_claims"] == control["images"]

@@ -44,7 +44,7 @@ from watermark.logo import (
     render_qr_logo,
     render_text_logo,
 )
-from watermark.regions import allowed_positions, boxes_from_mask, region_from_boxes, region_from_saliency
+from watermark.regions import allowed_positions, boxes_from_mask, fit_mark, region_from_boxes, region_from_saliency
 from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
 
 
@@ -356,6 +356,87 @@ def test_rerender_with_recomputed_hashes_on_grey_and_scaled(qr):
     tampered[10, 10] ^= 1
     entry_t = dict(entry, protected_sha256=sha256_array(tampered))  # forger also fixes the hash
     assert rerender_check(entry_t, original, tampered, qr) is False
+
+
+def test_delta_only_scope_changes_only_the_lesion_free_area_and_is_certified(qr, keys):
+    """MIAD-MARK's fallback: no mark (alpha 0), δ over the whole lesion-free area (delta_scope=image)."""
+    rng = np.random.default_rng(11)
+    original = rng.integers(0, 256, (30, 34, 3), dtype=np.uint8)
+    region = np.zeros((30, 34), bool)
+    region[5:20, 8:30] = True
+    delta = (rng.uniform(-8 / 255, 8 / 255, original.shape) * ~region[..., None]).astype(np.float32)
+    protected = render_protected(original, qr, 0, 0, 0.0, delta=delta, delta_scope="image")
+    assert np.array_equal(protected[region], original[region])  # lesion region bit-identical
+    assert (protected[~region] != original[~region]).mean() > 0.5  # δ acts on the lesion-free area
+    assert np.abs(protected.astype(int) - original.astype(int)).max() <= 8  # ε = 8/255
+    # with the default scope (footprint of an invisible mark) δ would do nothing
+    assert np.array_equal(render_protected(original, qr, 0, 0, 0.0, delta=delta), original)
+    entry = dict(_entry("d", original, protected, qr, delta, x=0, y=0, alpha=0.0), delta_scope="image")
+    assert rerender_check(entry, original, protected, qr, delta) is True
+    assert rerender_check(dict(entry, delta_scope="footprint"), original, protected, qr, delta) is False
+    assert rerender_check({k: v for k, v in entry.items() if k != "delta_scope"}, original, protected, qr,
+                          delta) is False
+    signed_cert = sign_certificate(build_certificate("o", [entry], "miadmark"), keys[0])
+    assert verify_certificate(signed_cert, keys[1]) is True
+    changed = copy.deepcopy(signed_cert)
+    changed["entries"][0]["delta_scope"] = "footprint"
+    assert verify_certificate(changed, keys[1]) is False  # the scope is signed
+    changed["entries"][0]["delta_scope"] = "everywhere"
+    with pytest.raises(CertificateFormatError, match="delta_scope"):
+        verify_certificate(changed, keys[1])
+    with pytest.raises(ValueError, match="delta_scope"):
+        render_protected(original, qr, 0, 0, 0.0, delta=delta, delta_scope="everywhere")
+
+
+def _first_fit_bruteforce(lesion, base, masks, dilations):
+    for d in dilations:
+        region = base | region_from_boxes(boxes_from_mask(lesion, d), *base.shape)
+        for s, m in masks.items():
+            if allowed_positions(region, m).any():
+                return s, d
+    return None, dilations[0]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fit_mark_takes_the_first_rung_that_fits_and_never_releases_lesion_pixels(seed):
+    rng = np.random.default_rng(seed)
+    H = W = 40
+    lesion = np.zeros((H, W), bool)
+    for _ in range(int(rng.integers(3, 14))):  # scattered small lesions
+        y, x = rng.integers(0, H - 2), rng.integers(0, W - 2)
+        lesion[y:y + int(rng.integers(1, 3)), x:x + int(rng.integers(1, 3))] = True
+    base = np.zeros((H, W), bool)
+    base[: int(rng.integers(0, 12))] = True  # e.g. a Grad-CAM blob
+    logo = np.zeros((16, 16, 4), np.float32)
+    logo[..., 3] = 1.0
+    masks = {s: logo_mask(logo, s) for s in (1.0, 0.5, 0.25)}
+    region, allowed, scale, d = fit_mark(lesion, base, masks, [2, 1, 0])
+    assert (region | ~lesion).all() and (region | ~base).all()  # lesions (and the CAM region) always kept out
+    expected_scale, expected_d = _first_fit_bruteforce(lesion, base, masks, [2, 1, 0])
+    assert (scale, d) == (expected_scale, expected_d)
+    if allowed is not None:
+        ys, xs = np.nonzero(allowed)
+        for i in rng.permutation(len(ys))[:5]:
+            assert not (footprint(H, W, logo, int(xs[i]), int(ys[i]), scale) & region).any()
+
+
+def test_fit_mark_shrinks_scale_before_margin_and_reports_no_fit():
+    logo = np.zeros((10, 10, 4), np.float32)
+    logo[..., 3] = 1.0
+    masks = {1.0: logo_mask(logo, 1.0), 0.5: logo_mask(logo, 0.5)}
+    lesion = np.zeros((20, 20), bool)
+    lesion[::6, ::6] = True  # single-pixel lesions every 6 px: gaps of 5 px between them
+    # margin 2 -> boxes 5x5 every 6 px leave 1-px lanes: nothing fits; margin 1 -> 3x3 boxes, 3-px gaps: no 5x5
+    # logo either; margin 0 -> 5-px gaps: the half-size logo (5x5) fits, the full one never does
+    region, allowed, scale, d = fit_mark(lesion, np.zeros_like(lesion), masks, [2, 1, 0])
+    assert (scale, d) == (0.5, 0) and allowed.any()
+    assert fit_mark(lesion, np.zeros_like(lesion), {1.0: masks[1.0]}, [2, 1, 0])[1] is None
+    free = np.zeros((20, 20), bool)
+    free[0, 0] = True
+    assert fit_mark(free, np.zeros_like(free), masks, [2, 1, 0])[2:] == (1.0, 2)  # default rung when it fits
+    full = np.ones((20, 20), bool)
+    region, allowed, scale, d = fit_mark(None, full, masks, [2, 1, 0])
+    assert allowed is None and scale is None and d == 2 and region.all()
 
 
 def test_private_key_file_is_owner_only(tmp_path, keys):

@@ -7,7 +7,8 @@ A certificate is a JSON object:
     {"format": "medmark-image-certificate", "version": 1,
      "owner_id": str, "method": str, "created_at": ISO-8601 UTC str,
      "entries": [ {image_id, original_sha256, protected_sha256, logo_sha256,
-                   x, y, alpha, scale, delta_sha256 | null, threshold | null, ...}, ...],
+                   x, y, alpha, scale, delta_sha256 | null, threshold | null,
+                   [delta_scope: "footprint" (default) | "image"], ...}, ...],
      "signature": base64(Ed25519 signature)}
 
 The signature covers :func:`canonical_bytes` -- the certificate without its
@@ -215,6 +216,7 @@ ENTRY_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "delta_sha256": ((str,), True),
     "threshold": ((int, float), True),
 }
+DELTA_SCOPES = ("footprint", "image")
 _HASH_FIELDS = ("original_sha256", "protected_sha256", "logo_sha256", "delta_sha256")
 _TOP_SCHEMA: dict[str, type] = {"format": str, "version": int, "owner_id": str, "method": str,
                                 "created_at": str, "entries": list}
@@ -237,6 +239,11 @@ def _check_entry(entry: Any, where: str) -> None:
         v = entry[field]
         if v is not None and not _HEX64.match(v):
             raise CertificateFormatError(f"{where}.{field} must be 64 lowercase hex characters (SHA-256)")
+    # optional: where δ was added -- the mark's footprint (default) or the whole image (MIAD-MARK's
+    # δ-only fallback when no mark fits; δ is zero on the lesion region). Signed like every field.
+    if entry.get("delta_scope", "footprint") not in DELTA_SCOPES:
+        raise CertificateFormatError(f"{where}.delta_scope must be one of {DELTA_SCOPES}, got "
+                                     f"{entry.get('delta_scope')!r}")
 
 
 def _check_certificate(cert: Any, need_signature: bool) -> None:
@@ -420,7 +427,8 @@ def rerender_check(entry: dict, original, protected, logo, delta=None) -> bool:
     if original.dtype != np.uint8 or protected.dtype != np.uint8 or original.shape != protected.shape:
         return False
     try:
-        rendered = render_protected(original, logo, entry["x"], entry["y"], entry["alpha"], entry["scale"], delta)
+        rendered = render_protected(original, logo, entry["x"], entry["y"], entry["alpha"], entry["scale"], delta,
+                                    delta_scope=entry.get("delta_scope", "footprint"))
     except ValueError:
         return False  # e.g. out-of-range alpha or mis-shaped delta: the parameters cannot render it
     return bool(np.array_equal(rendered, protected))

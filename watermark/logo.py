@@ -383,6 +383,7 @@ def render_protected(
     alpha: float,
     scale: float = 1.0,
     delta: np.ndarray | None = None,
+    delta_scope: str = "footprint",
 ) -> np.ndarray:
     """The reference (bit-exact) renderer for stored protected images.
 
@@ -395,7 +396,11 @@ def render_protected(
     3. on the clipped logo window ``v = (1 - a) * v + a * W`` (elementwise float64);
     4. if ``delta`` is given (MIAD-MARK's perturbation, same shape as ``original``,
        any float dtype, in [0, 1] pixel units): ``v[fp] += delta[fp]`` on the footprint
-       ``fp`` = pixels with ``alpha * A > 0`` only;
+       ``fp`` = pixels with ``alpha * A > 0`` only (``delta_scope="footprint"``, the
+       default), or ``v += delta`` on every pixel (``delta_scope="image"``: MIAD-MARK's
+       fallback when no mark fits, δ spread over the lesion-free area; δ is exactly 0
+       elsewhere, and ``k/255 + 0`` rounds back to ``k``, so those pixels stay
+       bit-identical);
     5. ``clip(v, 0, 1)``, then ``floor(v * 255 + 0.5)`` (round half up) -> uint8.
 
     Pixels outside the footprint come back equal to ``original`` (k/255*255 rounds to k).
@@ -405,10 +410,13 @@ def render_protected(
         logo: ``h x w x 4`` RGBA in [0, 1] (the exact asset whose hash is certified).
         x, y: integer top-left position; alpha: opacity in [0, 1]; scale: > 0.
         delta: optional perturbation, see step 4.
+        delta_scope: ``footprint`` or ``image``, see step 4.
 
     Returns:
         uint8 array with the shape of ``original``.
     """
+    if delta_scope not in ("footprint", "image"):
+        raise ValueError(f"delta_scope must be 'footprint' or 'image', got {delta_scope!r}")
     original = np.asarray(original)
     if original.dtype != np.uint8:
         raise ValueError(f"original must be uint8, got {original.dtype}")
@@ -437,6 +445,9 @@ def render_protected(
         if d.shape != original.shape:
             raise ValueError(f"delta must have the image's shape {original.shape}, got {d.shape}")
         d = (d if d.ndim == 3 else d[..., None]).astype(np.float64)
-        v[fp] += d[fp]
+        if delta_scope == "image":
+            v += d
+        else:
+            v[fp] += d[fp]
     q = np.floor(np.clip(v, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return q if original.ndim == 3 else q[..., 0]

@@ -141,3 +141,43 @@ def allowed_positions(region, logo_footprint_shape) -> np.ndarray:
     # so anything above 0.5 is a real overlap and float round-off cannot flip the decision.
     counts = fftconvolve(reg.astype(np.float64), mask[::-1, ::-1].astype(np.float64), mode="valid")
     return counts < 0.5
+
+
+def fit_mark(lesion_mask, base_region, logo_masks: dict, dilations) -> tuple[np.ndarray, np.ndarray | None, float | None,
+                                                                             int]:
+    """The first rung of the fallback ladder at which a mark fits without touching the region.
+
+    The region is ``base_region`` (e.g. a thresholded Grad-CAM) ∪ the lesion boxes of
+    ``lesion_mask`` dilated by ``d``. Margins ``d`` are tried in the order of ``dilations``
+    (largest first: the margin is shrunk only when no scale fits at the larger one); at
+    each margin the logo scales of ``logo_masks`` (``{scale: bool mask}``, in insertion
+    order, largest first) are tried in turn. The lesion pixels are in every region of the
+    ladder (a box at margin 0 still contains its component).
+
+    Args:
+        lesion_mask: bool ``H x W`` or None (no annotation: only ``base_region`` counts).
+        base_region: bool ``H x W``.
+        logo_masks: ``{scale: logo_mask(logo, scale)}``.
+        dilations: box margins to try, e.g. ``[2, 1, 0]``.
+
+    Returns:
+        ``(region, allowed, scale, d)`` of the first fit; when nothing fits,
+        ``(region at dilations[0], None, None, dilations[0])``.
+    """
+    base = _as_bool_2d(base_region, "base_region")
+    H, W = base.shape
+    dilations = [int(d) for d in dilations]
+    if not dilations:
+        raise ValueError("dilations must name at least one margin")
+    first = None
+    for d in dilations:
+        region = base.copy()
+        if lesion_mask is not None:
+            region |= region_from_boxes(boxes_from_mask(lesion_mask, d), H, W)
+        if first is None:
+            first = region
+        for scale, mask in logo_masks.items():
+            allowed = allowed_positions(region, mask)
+            if allowed.any():
+                return region, allowed, float(scale), d
+    return first, None, None, dilations[0]
