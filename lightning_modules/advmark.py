@@ -51,7 +51,7 @@ from watermark.blackbox_search import QueryCounter, SearchConfig, blackbox_searc
 from watermark.footprint_pgd import pgd_on_footprint
 from watermark.logo import composite, composite_soft, footprint, logo_mask, render_protected, render_qr_logo, \
     render_text_logo
-from watermark.regions import allowed_positions, boxes_from_mask, fit_mark, region_from_boxes, region_from_saliency
+from watermark.regions import boxes_from_mask, fit_mark_all, region_from_boxes, region_from_saliency
 from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
 
 log = logging.getLogger("medmark.advmark")
@@ -176,10 +176,12 @@ class AdvMarkModule(TaskModule):
             ``http(s)://`` URL; null = the surrogate) and ``http`` (the HTTP adapter's options:
             timeout, retries, query_budget, ...).
         fallback: what to do for an image whose lesion region leaves no room for the mark at
-            ``scale`` with ``region.dilation_px``: ``scales`` -- smaller logo scales tried in turn;
-            ``min_dilation_px`` -- the lesion boxes' margin is then shrunk one pixel at a time,
-            down to this, only as far as needed (the lesion pixels themselves are never
-            released); ``delta_only`` -- MIAD-MARK with δ: if still no position fits, δ (same
+            ``scale`` with ``region.dilation_px``: ``scales`` -- smaller logo scales;
+            ``min_dilation_px`` -- the lesion boxes' margin may shrink one pixel at a time down to
+            this (the lesion pixels themselves are never released); ``order`` -- ``scale_first``
+            (keep the logo's size, shrink the margin only as far as it needs) or ``margin_first``;
+            ``candidates`` -- the white-box search tries up to this many fitting rungs (scale,
+            margin) for an image the first one does not fool and keeps the best; ``delta_only`` -- MIAD-MARK with δ: if still no position fits, δ (same
             PGD, same ε) acts on the whole lesion-free area instead of a mark's footprint
             (certificate field ``delta_scope: image``). Images that still cannot be protected
             keep their original pixels and are reported.
@@ -262,6 +264,10 @@ class AdvMarkModule(TaskModule):
             raise ValueError(f"method.fallback.min_dilation_px must be >= 0, got {min_dil}")
         self.dilation_ladder = list(range(dil, min(min_dil, dil) - 1, -1))
         self.delta_only = bool(fallback.get("delta_only", False))
+        self.ladder_order = str(fallback.get("order", "scale_first"))
+        if self.ladder_order not in ("scale_first", "margin_first"):
+            raise ValueError(f"method.fallback.order must be scale_first or margin_first, got {self.ladder_order!r}")
+        self.max_candidates = max(1, int(fallback.get("candidates", 1)))
         self.ensemble: list[nn.Module] = []  # not submodules: never saved in this module's checkpoint
         self.ensemble_paths = list(ensemble_checkpoints or [])
         self.records: list[dict] = []
@@ -361,14 +367,15 @@ class AdvMarkModule(TaskModule):
         return region, thresholds
 
     def plan_regions(self, batch: dict[str, Any], logo: np.ndarray) -> list[dict]:
-        """Per image, the first (margin, scale) of the fallback ladder at which the mark fits.
+        """Per image, the rungs (logo scale, box margin) of the fallback ladder at which the mark fits.
 
-        Margins go from ``region.dilation_px`` down to ``fallback.min_dilation_px`` (outer loop,
-        so the margin is shrunk only when no scale fits), scales from ``scale`` through
-        ``fallback.scales`` (inner loop). Returns dicts ``region`` (bool H×W, the region the
-        protection must avoid, with the margin used), ``allowed`` (top-left positions, or None),
-        ``scale``, ``dilation_px``, ``kind`` (``mark`` | ``delta_only`` | ``none``), ``threshold``.
-        The lesion pixels are inside every region of the ladder (margin 0 = the boxes themselves).
+        Scales go from ``scale`` through ``fallback.scales``, margins from ``region.dilation_px``
+        down to ``fallback.min_dilation_px``, in ``fallback.order`` (``scale_first``: the margin
+        is shrunk only as far as the full-size mark needs; see
+        :func:`watermark.regions.fit_mark_all`). Returns dicts ``rungs`` (list of ``region``,
+        ``allowed``, ``scale``, ``dilation_px``), the first rung's fields flat (``region``,
+        ``allowed``, ``scale``, ``dilation_px``), ``kind`` (``mark`` | ``delta_only`` | ``none``)
+        and ``threshold``. The lesion pixels are inside every region of the ladder.
         """
         masks, cam_region, thresholds = self.lesion_parts(batch)
         B, _, H, W = batch["image"].shape
@@ -376,12 +383,18 @@ class AdvMarkModule(TaskModule):
         logo_masks = {s: logo_mask(logo, s) for s in self.scale_ladder}
         plans = []
         for b in range(B):
-            region, allowed, scale, d = fit_mark(masks[b], cam_region[b], logo_masks, self.dilation_ladder)
-            if allowed is not None:
-                plan = {"region": region, "allowed": allowed, "scale": scale, "dilation_px": d, "kind": "mark"}
+            rungs = [{"region": r, "allowed": a, "scale": sc, "dilation_px": d} for r, a, sc, d in
+                     fit_mark_all(masks[b], cam_region[b], logo_masks, self.dilation_ladder, self.ladder_order)]
+            if rungs:
+                plan = {**rungs[0], "kind": "mark"}
             else:  # δ-only keeps the full margin: it is not bound to a logo's shape
+                d = self.dilation_ladder[0]
+                region = cam_region[b].copy()
+                if masks[b] is not None:
+                    region |= region_from_boxes(boxes_from_mask(masks[b], d), H, W)
                 kind = "delta_only" if use_delta and self.delta_only and not region.all() else "none"
                 plan = {"region": region, "allowed": None, "scale": self.logo_scale, "dilation_px": d, "kind": kind}
+            plan["rungs"] = rungs
             plan["threshold"] = thresholds[b]
             plans.append(plan)
         return plans
@@ -501,21 +514,34 @@ class AdvMarkModule(TaskModule):
             raise ValueError(f"MedLocker/MIAD-MARK expects square images (data.image_size), got {H}x{W}")
         logo = self.logo_for(H)
         plans = self.plan_regions(batch, logo)
-        region = np.stack([p["region"] for p in plans])
-        thresholds = [p["threshold"] for p in plans]
-        scales = [p["scale"] for p in plans]
         todo = [b for b in range(B) if plans[b]["kind"] == "mark"]
         delta_only = [b for b in range(B) if plans[b]["kind"] == "delta_only"]
         placements: list[dict | None] = [None] * B
-        if todo:
+        if todo and self.search == "blackbox":  # the first rung only: one query budget per image
             sub = torch.tensor(todo, device=images.device)
-            allowed = [plans[b]["allowed"] for b in todo]
-            sub_scales = [scales[b] for b in todo]
-            found = (self.place_whitebox(images[sub], labels[sub], region[todo], allowed, logo, sub_scales)
-                     if self.search == "whitebox" else
-                     self.place_blackbox(images[sub], labels[sub], allowed, logo, sub_scales))
+            found = self.place_blackbox(images[sub], labels[sub], [plans[b]["allowed"] for b in todo], logo,
+                                        [plans[b]["scale"] for b in todo])
             for b, p in zip(todo, found):
                 placements[b] = p
+        elif todo:
+            # white-box: the first rung; an image it does not fool tries the next rungs (up to
+            # fallback.candidates), keeping the best placement (fooled first, then higher CE)
+            for k in range(self.max_candidates):
+                idx = [b for b in todo if len(plans[b]["rungs"]) > k and
+                       (placements[b] is None or not placements[b]["score"][0])]
+                if not idx:
+                    break
+                rungs = [plans[b]["rungs"][k] for b in idx]
+                sub = torch.tensor(idx, device=images.device)
+                found = self.place_whitebox(images[sub], labels[sub], np.stack([r["region"] for r in rungs]),
+                                            [r["allowed"] for r in rungs], logo, [r["scale"] for r in rungs])
+                for b, p, r in zip(idx, found, rungs):
+                    if placements[b] is None or p["score"] > placements[b]["score"]:
+                        placements[b] = {**p, "rung": k}
+                        plans[b].update({key: r[key] for key in ("region", "allowed", "scale", "dilation_px")})
+        region = np.stack([p["region"] for p in plans])
+        thresholds = [p["threshold"] for p in plans]
+        scales = [p["scale"] for p in plans]
         for b in delta_only:  # no mark: δ over the lesion-free area (alpha 0 draws nothing)
             placements[b] = {"x": 0, "y": 0, "alpha": 0.0}
         use_delta = self.variant == "miadmark" and self.search == "whitebox" and float(self.delta_cfg["epsilon"]) > 0
@@ -575,6 +601,7 @@ class AdvMarkModule(TaskModule):
             self.records.append({
                 "id": ids[b], "label": int(labels[b]), "protected_ok": p is not None,
                 "placement": plans[b]["kind"], "dilation_px": int(plans[b]["dilation_px"]),
+                "rung": None if p is None else p.get("rung", 0), "rungs_fitting": len(plans[b]["rungs"]),
                 "delta_scope": "image" if plans[b]["kind"] == "delta_only" else "footprint",
                 "x": None if p is None else int(p["x"]), "y": None if p is None else int(p["y"]),
                 "alpha": None if p is None else float(p["alpha"]), "scale": float(scales[b]),

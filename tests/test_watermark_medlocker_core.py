@@ -44,7 +44,14 @@ from watermark.logo import (
     render_qr_logo,
     render_text_logo,
 )
-from watermark.regions import allowed_positions, boxes_from_mask, fit_mark, region_from_boxes, region_from_saliency
+from watermark.regions import (
+    allowed_positions,
+    boxes_from_mask,
+    fit_mark,
+    fit_mark_all,
+    region_from_boxes,
+    region_from_saliency,
+)
 from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
 
 
@@ -418,6 +425,14 @@ def test_fit_mark_takes_the_first_rung_that_fits_and_never_releases_lesion_pixel
         ys, xs = np.nonzero(allowed)
         for i in rng.permutation(len(ys))[:5]:
             assert not (footprint(H, W, logo, int(xs[i]), int(ys[i]), scale) & region).any()
+    # every fitting rung, in either order: exactly the brute-force enumeration
+    for order, pairs in (("scale_first", [(s, d) for s in masks for d in (2, 1, 0)]),
+                         ("margin_first", [(s, d) for d in (2, 1, 0) for s in masks])):
+        rungs = fit_mark_all(lesion, base, masks, [2, 1, 0], order)
+        fitting = [(s, d) for s, d in pairs if allowed_positions(
+            base | region_from_boxes(boxes_from_mask(lesion, d), H, W), masks[s]).any()]
+        assert [(r[2], r[3]) for r in rungs] == fitting
+        assert all((r[0] | ~lesion).all() for r in rungs)
 
 
 def test_fit_mark_shrinks_scale_before_margin_and_reports_no_fit():

@@ -143,41 +143,60 @@ def allowed_positions(region, logo_footprint_shape) -> np.ndarray:
     return counts < 0.5
 
 
-def fit_mark(lesion_mask, base_region, logo_masks: dict, dilations) -> tuple[np.ndarray, np.ndarray | None, float | None,
-                                                                             int]:
-    """The first rung of the fallback ladder at which a mark fits without touching the region.
+
+def fit_mark_all(lesion_mask, base_region, logo_masks: dict, dilations, order: str = "scale_first") -> list[tuple]:
+    """Every rung of the fallback ladder at which a mark fits without touching the region, in ladder order.
 
     The region is ``base_region`` (e.g. a thresholded Grad-CAM) ∪ the lesion boxes of
-    ``lesion_mask`` dilated by ``d``. Margins ``d`` are tried in the order of ``dilations``
-    (largest first: the margin is shrunk only when no scale fits at the larger one); at
-    each margin the logo scales of ``logo_masks`` (``{scale: bool mask}``, in insertion
-    order, largest first) are tried in turn. The lesion pixels are in every region of the
-    ladder (a box at margin 0 still contains its component).
+    ``lesion_mask`` dilated by a margin ``d``. The rungs are the pairs (scale, margin) of
+    ``logo_masks`` (``{scale: bool mask}``, largest first) × ``dilations`` (largest first):
+    ``order="scale_first"`` keeps the logo's size as long as possible and shrinks the margin
+    only as far as the mark needs to fit -- (s1, d1), (s1, d2), ..., (s2, d1), ...;
+    ``order="margin_first"`` keeps the margin and shrinks the logo first. The lesion pixels
+    are in every region of the ladder (a box at margin 0 still contains its component).
 
     Args:
         lesion_mask: bool ``H x W`` or None (no annotation: only ``base_region`` counts).
         base_region: bool ``H x W``.
         logo_masks: ``{scale: logo_mask(logo, scale)}``.
-        dilations: box margins to try, e.g. ``[2, 1, 0]``.
+        dilations: box margins, e.g. ``[2, 1, 0]``.
+        order: ``scale_first`` | ``margin_first``.
 
     Returns:
-        ``(region, allowed, scale, d)`` of the first fit; when nothing fits,
-        ``(region at dilations[0], None, None, dilations[0])``.
+        ``[(region, allowed, scale, d), ...]`` for every rung with at least one allowed
+        position (empty when nothing fits).
     """
+    if order not in ("scale_first", "margin_first"):
+        raise ValueError(f"order must be 'scale_first' or 'margin_first', got {order!r}")
     base = _as_bool_2d(base_region, "base_region")
     H, W = base.shape
     dilations = [int(d) for d in dilations]
     if not dilations:
         raise ValueError("dilations must name at least one margin")
-    first = None
+    regions = {}
     for d in dilations:
         region = base.copy()
         if lesion_mask is not None:
             region |= region_from_boxes(boxes_from_mask(lesion_mask, d), H, W)
-        if first is None:
-            first = region
-        for scale, mask in logo_masks.items():
-            allowed = allowed_positions(region, mask)
-            if allowed.any():
-                return region, allowed, float(scale), d
-    return first, None, None, dilations[0]
+        regions[d] = region
+    rungs = ([(s, d) for s in logo_masks for d in dilations] if order == "scale_first" else
+             [(s, d) for d in dilations for s in logo_masks])
+    out = []
+    for s, d in rungs:
+        allowed = allowed_positions(regions[d], logo_masks[s])
+        if allowed.any():
+            out.append((regions[d], allowed, float(s), d))
+    return out
+
+
+def fit_mark(lesion_mask, base_region, logo_masks: dict, dilations, order: str = "margin_first") -> tuple:
+    """The first rung of :func:`fit_mark_all`: ``(region, allowed, scale, d)``; when nothing fits,
+    ``(region at dilations[0], None, None, dilations[0])``."""
+    rungs = fit_mark_all(lesion_mask, base_region, logo_masks, dilations, order)
+    if rungs:
+        return rungs[0]
+    base = _as_bool_2d(base_region, "base_region")
+    region = base.copy()
+    if lesion_mask is not None:
+        region |= region_from_boxes(boxes_from_mask(lesion_mask, int(list(dilations)[0])), *base.shape)
+    return region, None, None, int(list(dilations)[0])
