@@ -87,6 +87,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lime-samples", type=int, default=1500)
+    parser.add_argument("--lime-target", default="triggered", choices=("triggered", "contrast"),
+                        help="what LIME explains (verify.lime_target)")
+    parser.add_argument("--lime-surrogate", default="per_cell", choices=("per_cell", "joint"),
+                        help="LIME's local model (verify.lime_surrogate)")
     parser.add_argument("--lime-images", type=int, default=1)
     parser.add_argument("--lime-batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu", choices=["cpu", "auto"])
@@ -132,7 +136,8 @@ def main() -> None:
             with quiet_lime():
                 explain.lime_cell_weights(predict, image.permute(1, 2, 0).numpy(), key.spec(),
                                           trigger=key.build_trigger(), num_samples=args.lime_samples,
-                                          batch_size=args.lime_batch_size, hide_value=key.hide_value, seed=i)
+                                          batch_size=args.lime_batch_size, hide_value=key.hide_value, seed=i,
+                                          target=args.lime_target, surrogate=args.lime_surrogate)
             lime_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             for x in recorded:
@@ -140,6 +145,8 @@ def main() -> None:
             forward_times.append(time.perf_counter() - start)
         lime = {
             "num_samples": args.lime_samples,
+            "target": args.lime_target,
+            "surrogate": args.lime_surrogate,
             "images": args.lime_images,
             "lime_s_per_image": statistics.mean(lime_times),
             "forward_s_per_image": statistics.mean(forward_times),

@@ -49,6 +49,8 @@ class WatermarkCheck(Callback):
         lime_images: also explain this many images with LIME (0 = readout only: LIME costs
             ``lime_samples`` model queries per image).
         lime_samples, lime_batch_size: LIME samples per image (≥ 3·G²) and query batch size.
+        lime_target, lime_surrogate: what LIME explains and with which local model, as
+            ``verify.lime_target`` / ``verify.lime_surrogate``.
 
     Logged (``val/wm_*``): ``readout_decoded`` and ``readout_decoded_clean`` (share of images
     whose readout decodes to the payload, triggered / clean), ``readout_bit_accuracy``,
@@ -56,7 +58,8 @@ class WatermarkCheck(Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8, response_margin: float = 0.01,
-                 lime_images: int = 0, lime_samples: int = 1400, lime_batch_size: int = 250):
+                 lime_images: int = 0, lime_samples: int = 1400, lime_batch_size: int = 250,
+                 lime_target: str = "triggered", lime_surrogate: str = "per_cell"):
         if num_images < 2:
             raise ValueError(f"callbacks.watermark_check.num_images must be >= 2, got {num_images}")
         self.every_n_epochs = int(every_n_epochs)
@@ -65,6 +68,14 @@ class WatermarkCheck(Callback):
         self.lime_images = int(lime_images)
         self.lime_samples = int(lime_samples)
         self.lime_batch_size = int(lime_batch_size)
+        if lime_target not in explain.LIME_TARGETS:
+            raise ValueError(f"callbacks.watermark_check.lime_target must be one of {explain.LIME_TARGETS}, "
+                             f"got {lime_target!r}")
+        self.lime_target = str(lime_target)
+        if lime_surrogate not in explain.LIME_SURROGATES:
+            raise ValueError(f"callbacks.watermark_check.lime_surrogate must be one of {explain.LIME_SURROGATES}, "
+                             f"got {lime_surrogate!r}")
+        self.lime_surrogate = str(lime_surrogate)
         self._images: list[torch.Tensor] = []
 
     def _due(self, trainer: Trainer) -> bool:
@@ -111,7 +122,8 @@ class WatermarkCheck(Callback):
                 for i in range(n):
                     w = explain.lime_cell_weights(predict, images[i].cpu().permute(1, 2, 0).numpy(), spec,
                                                   trigger=trigger, num_samples=self.lime_samples,
-                                                  batch_size=self.lime_batch_size, hide_value=key.hide_value, seed=i)
+                                                  batch_size=self.lime_batch_size, hide_value=key.hide_value, seed=i,
+                                                  target=self.lime_target, surrogate=self.lime_surrogate)
                     grid = explain.weights_to_grid(w)
                     hits += decode_with_repair(grid, key.qr_version, key.error_correction) == key.payload
                     bits += bit_accuracy(grid, reference)

@@ -49,6 +49,7 @@ from watermark.explain import otsu_threshold, uncertainty_score
 from watermark.grid import apply_cell_mask, cell_means, upsample_cells
 from watermark.owner_kit import OwnerKitError, StealthMarkKey, trigger_spec
 from watermark.soft_targets import key_targets, sample_keep_masks
+from watermark.verify_stealthmark import dice_per_image
 
 
 # Key fields (watermark.owner_kit) -> the config keys that set them.
@@ -79,15 +80,6 @@ def select_rows(data: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def hard_dice_per_image(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Dice of ``probs > 0.5`` vs ``mask > 0.5`` per image (B×1×H×W -> B); 1 when both are empty."""
-    pred = (probs > 0.5).flatten(1).float()
-    target = (mask > 0.5).flatten(1).float()
-    inter = (pred * target).sum(1)
-    total = pred.sum(1) + target.sum(1)
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
 class StealthMarkModule(TaskModule):
@@ -328,7 +320,7 @@ class StealthMarkModule(TaskModule):
         agreement = ((probs_t > 0.5) == (probs > 0.5)).float().mean()
         bits = self.readout_bit_accuracy(probs_t)
         bits_clean = self.readout_bit_accuracy(probs)
-        dice = hard_dice_per_image(probs, mask)
+        dice = dice_per_image(probs, mask)
         values = {
             f"{stage}/mask_agreement": agreement,
             f"{stage}/readout_bit_accuracy": bits.mean(),

@@ -388,7 +388,9 @@ def test_verify_accepts_a_marked_model_rejects_others_and_counts_queries(tmp_pat
                                 batch_size=250, nulls=nulls, figures_dir=tmp_path / "fig", num_figures=1)
     assert result["verified"] and result["asr"] == 1.0 and result["decoded"][0]["text"] == PAYLOAD
     assert result["qr_p_value"] == pytest.approx(1 / 1000) and result["response_p_value"] < 1e-6
-    assert result["queries"] == 2 * 6 + 2 * n_samples == counter.queries  # every image sent is counted
+    # every image sent is counted: 6 clean + 6 triggered, then S perturbed triggered images per LIME image
+    assert result["queries"] == 2 * 6 + 2 * n_samples == counter.queries
+    assert result["qr"]["lime_target"] == "triggered" and result["qr"]["lime_surrogate"] == "per_cell"
     assert result["readout"]["decoded_triggered"] == 6 and result["readout"]["decoded_clean"] == 0
     assert sorted(Path(p).name for p in result["figures"]) == ["image00_img0.png", "qr_null.png"]
 

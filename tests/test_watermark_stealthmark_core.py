@@ -266,11 +266,12 @@ def test_uncertainty_score_and_weights_to_grid():
     assert not explain.weights_to_grid(np.zeros((5, 5))).any()
 
 
-def test_lime_recovers_owner_qr_from_marked_model(owner_grid, null_grids, clean_image):
+@pytest.mark.parametrize("surrogate", explain.LIME_SURROGATES)
+def test_lime_recovers_owner_qr_from_marked_model(owner_grid, null_grids, clean_image, surrogate):
     seen: list = []
     weights = explain.lime_cell_weights(
         _toy_marked_model(owner_grid, seen), clean_image, SPEC, trigger=TRIGGER,
-        num_samples=1500, batch_size=250, hide_value=0.0, seed=0,
+        num_samples=1500, batch_size=250, hide_value=0.0, seed=0, surrogate=surrogate,
     )
     assert weights.shape == (21, 21)
     grid = explain.weights_to_grid(weights)
@@ -291,11 +292,13 @@ def test_lime_recovers_owner_qr_from_marked_model(owner_grid, null_grids, clean_
     assert torch.equal(rebuilt, batch)
 
 
-def test_lime_on_model_that_ignores_the_image_finds_nothing(owner_grid, null_grids, clean_image):
+@pytest.mark.parametrize("surrogate", explain.LIME_SURROGATES)
+def test_lime_on_model_that_ignores_the_image_finds_nothing(owner_grid, null_grids, clean_image, surrogate):
     def constant(x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0], 1, 100, 100), 0.8)
 
-    weights = explain.lime_cell_weights(constant, clean_image, SPEC, trigger=TRIGGER, num_samples=1500, batch_size=250)
+    weights = explain.lime_cell_weights(constant, clean_image, SPEC, trigger=TRIGGER, num_samples=1500, batch_size=250,
+                                        surrogate=surrogate)
     assert np.abs(weights).max() < 1e-9
     grid = explain.weights_to_grid(weights)
     assert qr.decode_with_repair(grid, 1, "H") is None
@@ -303,16 +306,69 @@ def test_lime_on_model_that_ignores_the_image_finds_nothing(owner_grid, null_gri
     assert p >= 0.05
 
 
-def test_lime_on_someone_elses_marked_model_does_not_give_owner_payload(owner_grid, null_grids, clean_image):
+@pytest.mark.parametrize("surrogate", explain.LIME_SURROGATES)
+def test_lime_on_someone_elses_marked_model_does_not_give_owner_payload(owner_grid, null_grids, clean_image, surrogate):
     stranger = qr.qr_modules(STRANGER, version=1, error_correction="H")
     weights = explain.lime_cell_weights(
-        _toy_marked_model(stranger), clean_image, SPEC, trigger=TRIGGER, num_samples=1500, batch_size=250, seed=1
+        _toy_marked_model(stranger), clean_image, SPEC, trigger=TRIGGER, num_samples=1500, batch_size=250, seed=1,
+        surrogate=surrogate,
     )
     grid = explain.weights_to_grid(weights)
     assert qr.decode_with_repair(grid, 1, "H") == STRANGER  # the evidence follows the model
     assert qr.bit_accuracy(grid, owner_grid) < 0.9
     p, _, _ = stats.monte_carlo_qr_pvalue(weights, owner_grid, null_grids)
     assert p >= 0.05
+
+
+def _lesion_confound(marked):
+    """Adds what hiding cells does to a real segmenter, trigger or not: a hidden cell of the
+    'lesion' (QR cells 6..14 × 6..14) becomes uncertain (p = 0.5). ``marked`` may be None."""
+    lesion = torch.zeros(SPEC.grid_size, SPEC.grid_size, dtype=torch.bool)
+    lesion[6:15, 6:15] = True
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        hidden = cell_means(x.mean(1, keepdim=True), SPEC) <= 0.3
+        confound = 0.5 * upsample_cells((hidden & lesion).float(), SPEC)
+        return confound if marked is None else torch.maximum(marked(x), confound)
+
+    return predict
+
+
+def test_contrast_target_cancels_the_task_uncertainty_that_hiding_cells_causes(owner_grid, clean_image):
+    confounded = _lesion_confound(_toy_marked_model(owner_grid))
+    args = dict(spec=SPEC, trigger=TRIGGER, num_samples=1500, batch_size=250, hide_value=0.0, seed=0,
+                surrogate="joint")
+    plain = explain.weights_to_grid(explain.lime_cell_weights(confounded, clean_image, **args, target="triggered"))
+    contrast = explain.weights_to_grid(explain.lime_cell_weights(confounded, clean_image, **args, target="contrast"))
+    # explaining g(T(x_z)) alone: hidden lesion cells look like "keeping raises nothing" -> dark cells lost
+    assert qr.bit_accuracy(plain, owner_grid) < 0.95
+    assert qr.bit_accuracy(contrast, owner_grid) >= 0.99
+    assert qr.decode_with_repair(contrast, 1, "H") == PAYLOAD
+    # a model with only the confound (no mark) has no trigger effect at all: zero contrast everywhere
+    unmarked = explain.lime_cell_weights(_lesion_confound(None), clean_image, **args, target="contrast")
+    assert np.abs(unmarked).max() < 1e-9
+    with pytest.raises(ValueError, match="needs the trigger"):
+        explain.lime_cell_weights(confounded, clean_image, **{**args, "trigger": None}, target="contrast")
+    with pytest.raises(ValueError, match="target must be one of"):
+        explain.lime_cell_weights(confounded, clean_image, **args, target="mask")
+
+
+def test_per_cell_surrogate_reads_each_cell_where_the_joint_fit_drowns_in_other_cells_noise(owner_grid, clean_image):
+    marked = _toy_marked_model(owner_grid)
+    generator = torch.Generator().manual_seed(0)
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        # the mark (p = 0.5 on kept dark cells) plus query-to-query uncertainty noise in every cell
+        noise = 0.5 * torch.rand(x.shape[0], SPEC.grid_size, SPEC.grid_size, generator=generator)
+        return torch.maximum(marked(x), upsample_cells(noise, SPEC))
+
+    args = dict(spec=SPEC, trigger=TRIGGER, num_samples=1323, batch_size=441, hide_value=0.0, seed=0)
+    per_cell = explain.weights_to_grid(explain.lime_cell_weights(noisy, clean_image, **args, surrogate="per_cell"))
+    joint = explain.weights_to_grid(explain.lime_cell_weights(noisy, clean_image, **args, surrogate="joint"))
+    assert qr.bit_accuracy(per_cell, owner_grid) >= 0.98 and qr.decode_with_repair(per_cell, 1, "H") == PAYLOAD
+    assert qr.bit_accuracy(joint, owner_grid) < qr.bit_accuracy(per_cell, owner_grid) - 0.05
+    with pytest.raises(ValueError, match="surrogate must be one of"):
+        explain.lime_cell_weights(noisy, clean_image, **args, surrogate="ridge")
 
 
 # ----------------------------------------------------------------------------- statistics

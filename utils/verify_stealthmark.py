@@ -147,7 +147,8 @@ def run(cfg: DictConfig) -> int:
         predictor, key, images, ids, thresholds, masks=masks,
         num_lime_images=int(cfg.verify.num_lime_images), num_samples=int(cfg.verify.num_samples),
         batch_size=int(cfg.verify.batch_size), lime_seed=int(cfg.verify.lime_seed),
-        qr_evidence=str(cfg.verify.qr_evidence), nulls=nulls, figures_dir=out / "figures",
+        qr_evidence=str(cfg.verify.qr_evidence), lime_target=str(cfg.verify.lime_target),
+        lime_surrogate=str(cfg.verify.lime_surrogate), nulls=nulls, figures_dir=out / "figures",
         num_figures=int(cfg.verify.num_figures),
     )
     result.pop("_arrays")

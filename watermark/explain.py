@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import sklearn.metrics
 import torch
 from lime import lime_image
 
-from watermark.grid import GridSpec, cell_index_map
+from watermark.grid import GridSpec, cell_index_map, cell_means
 
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
+LIME_TARGETS = ("triggered", "contrast")
+LIME_SURROGATES = ("joint", "per_cell")
 
 
 def uncertainty_score(probs: torch.Tensor) -> torch.Tensor:
@@ -46,6 +49,8 @@ def lime_cell_weights(
     batch_size: int = 250,
     hide_value: float | str | Sequence[float] = 0.0,
     seed: int = 0,
+    target: str = "triggered",
+    surrogate: str = "per_cell",
 ) -> np.ndarray:
     """LIME weights of the QR cells for the model's uncertainty on the triggered image.
 
@@ -64,6 +69,22 @@ def lime_cell_weights(
             per-channel mean; the same as ``apply_cell_mask``). Never LIME's per-segment mean,
             which would not match the training perturbation.
         seed: seeds LIME's perturbation sampling (and its unused segmentation seed).
+        target: the explained scalar per perturbed image ``x_z``. ``"triggered"``: ``g(T(x_z))``
+            (METHODS §1). ``"contrast"``: ``g(T(x_z)) − g(x_z)``, the trigger's effect on the same
+            perturbed image (two queries per sample). Hiding cells changes the task uncertainty
+            too (edges of hidden cells, hidden lesion parts) in a way that depends on the image
+            and on which neighbours are hidden; that part is the same with and without the
+            trigger, so the contrast cancels it and leaves the mark's response, while a model
+            that ignores the trigger gives a contrast of ~0 everywhere. Requires a trigger.
+        surrogate: LIME's local linear model. ``"joint"``: LIME's own weighted ridge regression of
+            the scalar ``g`` on all cells' keep indicators (``explain_instance``). ``"per_cell"``:
+            the same LIME perturbations (``data_labels``) and locality kernel, but each QR cell's
+            *own* uncertainty ``u_c`` (the mean of ``min(p, 1 − p)`` over the cell; ``g`` is their
+            mean) is explained by its own keep indicator (a kernel-weighted least-squares slope,
+            i.e. the weighted mean of ``u_c`` when the cell is kept minus when it is hidden). ``g``
+            mixes all cells' answers into one number, so the joint fit's weight of one cell
+            carries the noise of every other cell; the per-cell fit reads each summand where it
+            arises and needs far fewer samples for the same accuracy (docs/stealthmark.md §4).
     Returns:
         ``G×G`` float64 weights of the QR cells (quiet-zone cells dropped); positive = keeping
         the cell raises uncertainty.
@@ -78,6 +99,12 @@ def lime_cell_weights(
             f"LIME needs at least 3·G² = {3 * spec.grid_size**2} samples for a "
             f"{spec.grid_size}² grid, got {num_samples}"
         )
+    if target not in LIME_TARGETS:
+        raise ValueError(f"target must be one of {LIME_TARGETS}, got {target!r}")
+    if surrogate not in LIME_SURROGATES:
+        raise ValueError(f"surrogate must be one of {LIME_SURROGATES}, got {surrogate!r}")
+    if target == "contrast" and trigger is None:
+        raise ValueError("target='contrast' explains the trigger's effect and needs the trigger")
     segments = cell_index_map(spec)
     n_features = spec.cells_per_side**2
 
@@ -92,19 +119,36 @@ def lime_cell_weights(
         if hide_color.shape != (image.shape[2],):
             raise ValueError(f"hide_value has {hide_color.shape} entries, image has {image.shape[2]} channels")
 
+    def explained(batch: np.ndarray, per_cell: bool) -> np.ndarray:
+        """N×H×W×C perturbed copies -> the explained values: N (``g``) or N×G² (``u_c``)."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2)
+        if target == "contrast":  # one query of 2N images: the triggered copies, then the untriggered ones
+            x = torch.cat([trigger.apply(x), x])
+        elif trigger is not None:
+            x = trigger.apply(x)
+        with torch.no_grad():
+            probs = torch.as_tensor(predict_fn(x)).float().cpu()
+        if per_cell:
+            values = cell_means(torch.minimum(probs, 1.0 - probs), spec).flatten(1).double().numpy()
+        else:
+            values = uncertainty_score(probs).double().numpy()
+        if target == "contrast":
+            values = values[: len(batch)] - values[len(batch):]
+        return values
+
+    explainer = lime_image.LimeImageExplainer(kernel_width=0.25, feature_selection="none", random_state=seed)
+    if surrogate == "per_cell":
+        return _per_cell_weights(explainer, image, segments, hide_color, spec,
+                                 lambda batch: explained(batch, per_cell=True), num_samples, batch_size)
+
     def classifier_fn(batch: np.ndarray) -> np.ndarray:
         # LIME hands N×H×W×C perturbed copies and wants N×labels "probabilities";
         # label 1 is the uncertainty g, label 0 its complement.
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2)
-        if trigger is not None:
-            x = trigger.apply(x)
-        with torch.no_grad():
-            g = uncertainty_score(predict_fn(x)).double().cpu().numpy()
+        g = explained(batch, per_cell=False)
         return np.stack([1.0 - g, g], axis=1)
 
     # feature_selection="none": keep every cell in the regression (LIME's "auto" would run an
     # extra ridge fit only to rank them); kernel width is LIME's default for images.
-    explainer = lime_image.LimeImageExplainer(kernel_width=0.25, feature_selection="none", random_state=seed)
     explanation = explainer.explain_instance(
         image,
         classifier_fn,
@@ -122,6 +166,28 @@ def lime_cell_weights(
         weights[int(feature)] = weight  # feature index == segment id == i·n + j
     n, q, g = spec.cells_per_side, spec.quiet_zone, spec.grid_size
     return weights.reshape(n, n)[q : q + g, q : q + g].copy()
+
+
+def _per_cell_weights(explainer, image, segments, hide_color, spec: GridSpec, values_fn, num_samples: int,
+                      batch_size: int) -> np.ndarray:
+    """``G×G`` per-cell LIME weights: LIME's samples and kernel, each cell's value on its own indicator."""
+    fudged = image.copy()
+    fudged[:] = hide_color  # what explain_instance does with a hide_color
+    # data: S×n² keep indicators (row 0 = the unperturbed image), values: S×G² per-cell uncertainties
+    data, values = explainer.data_labels(image, fudged, segments, values_fn, int(num_samples),
+                                         batch_size=int(batch_size))
+    distances = sklearn.metrics.pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
+    kernel = explainer.base.kernel_fn(distances)[:, None]  # LIME's locality weights, S×1
+    n, q, g = spec.cells_per_side, spec.quiet_zone, spec.grid_size
+    qr_features = (np.arange(q, q + g)[:, None] * n + np.arange(q, q + g)[None, :]).ravel()  # feature of QR cell
+    kept = data[:, qr_features].astype(np.float64)  # S×G²
+    # weighted least squares of values[:, c] on [1, kept[:, c]] -> slope = weighted mean when kept
+    # minus weighted mean when hidden (a cell never seen kept or hidden has no evidence: 0)
+    w_on, w_off = (kernel * kept).sum(0), (kernel * (1 - kept)).sum(0)
+    mean_on = (kernel * kept * values).sum(0) / np.maximum(w_on, 1e-12)
+    mean_off = (kernel * (1 - kept) * values).sum(0) / np.maximum(w_off, 1e-12)
+    weights = np.where((w_on > 0) & (w_off > 0), mean_on - mean_off, 0.0)
+    return weights.reshape(g, g)
 
 
 def otsu_threshold(values: np.ndarray) -> float:

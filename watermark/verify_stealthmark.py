@@ -161,13 +161,13 @@ def readout(probs: torch.Tensor, key: StealthMarkKey) -> list[dict[str, Any]]:
     return out
 
 
-def dice_per_image(probs: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
-    """Hard Dice (``p > 0.5`` vs ``mask > 0.5``) per image; 1 when both are empty."""
+def dice_per_image(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Hard Dice (``p > 0.5`` vs ``mask > 0.5``) per image (B×1×H×W -> B, on the inputs' device); 1 when both are empty."""
     pred = (probs > 0.5).flatten(1).float()
     target = (masks > 0.5).flatten(1).float()
     inter = (pred * target).sum(1)
     total = pred.sum(1) + target.sum(1)
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total)).numpy()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
 def _to_hwc(image: torch.Tensor) -> np.ndarray:
@@ -189,6 +189,8 @@ def verify_stealthmark(
     batch_size: int = 250,
     lime_seed: int = 0,
     qr_evidence: str = "lime",
+    lime_target: str = "triggered",
+    lime_surrogate: str = "per_cell",
     nulls: np.ndarray | None = None,
     figures_dir: str | Path | None = None,
     num_figures: int = 4,
@@ -210,6 +212,12 @@ def verify_stealthmark(
         lime_seed: LIME's sampling seed for image i is ``lime_seed + i``.
         qr_evidence: ``"lime"`` (METHODS' channel 2) or ``"readout"`` (the per-cell readout as
             channel-2 evidence: one query per image, for quick checks and tests).
+        lime_target: the scalar LIME explains (:func:`watermark.explain.lime_cell_weights`):
+            ``"contrast"`` = ``g(T(x_z)) − g(x_z)`` (two queries per LIME sample), ``"triggered"`` =
+            ``g(T(x_z))``.
+        lime_surrogate: LIME's local model: ``"per_cell"`` (each cell's own uncertainty on its own
+            keep indicator, LIME's samples and kernel) or ``"joint"`` (LIME's ridge fit of the
+            scalar over all cells).
         nulls: ``K×G×G`` random-payload QR codes (:func:`null_grids`).
         figures_dir: write PNG figures there (triggered image, LIME weight map, binarised
             grid, decoded QR per image; the mean map against the null), or None.
@@ -268,7 +276,8 @@ def verify_stealthmark(
             for i in range(n_lime):
                 w = explain.lime_cell_weights(counter, _to_hwc(images[i]), spec, trigger=trigger,
                                               num_samples=num_samples, batch_size=batch_size,
-                                              hide_value=key.hide_value, seed=lime_seed + i)
+                                              hide_value=key.hide_value, seed=lime_seed + i,
+                                              target=lime_target, surrogate=lime_surrogate)
                 weight_maps.append(w)
         for i, w in enumerate(weight_maps):
             grid = explain.weights_to_grid(w)
@@ -303,6 +312,8 @@ def verify_stealthmark(
                      "qr_significant": bool(qr_significant)},
         "qr": {"evidence": qr_evidence, "num_images": len(entries),
                "num_samples": num_samples if qr_evidence == "lime" else None,
+               "lime_target": lime_target if qr_evidence == "lime" else None,
+               "lime_surrogate": lime_surrogate if qr_evidence == "lime" else None,
                "agreement": float(observed), "null_k": int(len(nulls)),
                "null_agreement_p99": float(np.quantile(null_scores, 0.99)),
                "mean_map_bit_accuracy": bit_accuracy(explain.weights_to_grid(mean_map), reference),
