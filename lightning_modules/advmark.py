@@ -181,7 +181,9 @@ class AdvMarkModule(TaskModule):
             this (the lesion pixels themselves are never released); ``order`` -- ``scale_first``
             (keep the logo's size, shrink the margin only as far as it needs) or ``margin_first``;
             ``candidates`` -- the white-box search tries up to this many fitting rungs (scale,
-            margin) for an image the first one does not fool and keeps the best; ``delta_only`` -- MIAD-MARK with δ: if still no position fits, δ (same
+            margin) for an image the first one does not fool and keeps the best (MIAD-MARK: judged
+            after δ); ``widen_delta`` (opt-in, default off) -- MIAD-MARK: an image still not fooled
+            gets δ on its whole lesion-free area, the mark kept (``delta_scope: image``); ``delta_only`` -- MIAD-MARK with δ: if still no position fits, δ (same
             PGD, same ε) acts on the whole lesion-free area instead of a mark's footprint
             (certificate field ``delta_scope: image``). Images that still cannot be protected
             keep their original pixels and are reported.
@@ -268,6 +270,7 @@ class AdvMarkModule(TaskModule):
         if self.ladder_order not in ("scale_first", "margin_first"):
             raise ValueError(f"method.fallback.order must be scale_first or margin_first, got {self.ladder_order!r}")
         self.max_candidates = max(1, int(fallback.get("candidates", 1)))
+        self.widen_delta = bool(fallback.get("widen_delta", False))
         self.ensemble: list[nn.Module] = []  # not submodules: never saved in this module's checkpoint
         self.ensemble_paths = list(ensemble_checkpoints or [])
         self.records: list[dict] = []
@@ -523,9 +526,31 @@ class AdvMarkModule(TaskModule):
                                         [plans[b]["scale"] for b in todo])
             for b, p in zip(todo, found):
                 placements[b] = p
-        elif todo:
-            # white-box: the first rung; an image it does not fool tries the next rungs (up to
-            # fallback.candidates), keeping the best placement (fooled first, then higher CE)
+        use_delta = self.variant == "miadmark" and self.search == "whitebox" and float(self.delta_cfg["epsilon"]) > 0
+        seed0 = int(self.placement_cfg.get("seed", 0)) + 1009 * batch_idx
+
+        def run_delta(idx: list[int], xs, ys, alphas, scs, supports: list[np.ndarray], seed: int):
+            """PGD δ on ``supports`` for the images ``idx`` marked at (xs, ys, alphas, scs); δ and (fooled, CE)."""
+            sub = torch.tensor(idx, device=images.device)
+            marked = composite(images[sub], logo, xs, ys, alphas, scs)
+            fps = torch.from_numpy(np.stack(supports)).to(images.device)
+
+            def loss_fn(x: Tensor) -> Tensor:
+                return torch.stack([F.cross_entropy(lg.float(), labels[sub], reduction="none")
+                                    for lg in self.ensemble_logits(x)]).mean(0)
+
+            delta = pgd_on_footprint(loss_fn, marked, fps, float(self.delta_cfg["epsilon"]),
+                                     int(self.delta_cfg["steps"]), self.delta_cfg.get("step_size"),
+                                     generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                logits = self.ensemble_logits(quantise(marked + delta))
+                ce = torch.stack([F.cross_entropy(lg.float(), labels[sub], reduction="none") for lg in logits]).mean(0)
+                fooled = logits[0].argmax(1) != labels[sub]
+            return delta, [(bool(fooled[j]), float(ce[j])) for j in range(len(idx))]
+
+        if todo and self.search == "whitebox":
+            # the first rung; an image it does not fool tries the next rungs (up to fallback.candidates),
+            # keeping the best result (fooled first, then higher CE) -- for MIAD-MARK judged after δ
             for k in range(self.max_candidates):
                 idx = [b for b in todo if len(plans[b]["rungs"]) > k and
                        (placements[b] is None or not placements[b]["score"][0])]
@@ -535,6 +560,13 @@ class AdvMarkModule(TaskModule):
                 sub = torch.tensor(idx, device=images.device)
                 found = self.place_whitebox(images[sub], labels[sub], np.stack([r["region"] for r in rungs]),
                                             [r["allowed"] for r in rungs], logo, [r["scale"] for r in rungs])
+                if use_delta:
+                    delta, scores = run_delta(idx, [p["x"] for p in found], [p["y"] for p in found],
+                                              [p["alpha"] for p in found], [r["scale"] for r in rungs],
+                                              [footprint(H, W, logo, p["x"], p["y"], r["scale"])
+                                               for p, r in zip(found, rungs)], seed0 + k)
+                    for j, p in enumerate(found):
+                        p["score"], p["delta"] = scores[j], delta[j]
                 for b, p, r in zip(idx, found, rungs):
                     if placements[b] is None or p["score"] > placements[b]["score"]:
                         placements[b] = {**p, "rung": k}
@@ -542,29 +574,28 @@ class AdvMarkModule(TaskModule):
         region = np.stack([p["region"] for p in plans])
         thresholds = [p["threshold"] for p in plans]
         scales = [p["scale"] for p in plans]
-        for b in delta_only:  # no mark: δ over the lesion-free area (alpha 0 draws nothing)
-            placements[b] = {"x": 0, "y": 0, "alpha": 0.0}
-        use_delta = self.variant == "miadmark" and self.search == "whitebox" and float(self.delta_cfg["epsilon"]) > 0
-        deltas: dict[int, np.ndarray] = {}
+        scopes = ["footprint"] * B
+        if use_delta and self.widen_delta:
+            # opt-in: an image the mark + footprint δ does not fool gets δ on its whole lesion-free area (mark kept)
+            idx = [b for b in todo if not placements[b]["score"][0]]
+            if idx:
+                delta, scores = run_delta(idx, [placements[b]["x"] for b in idx], [placements[b]["y"] for b in idx],
+                                          [placements[b]["alpha"] for b in idx], [scales[b] for b in idx],
+                                          [~region[b] for b in idx], seed0 + 97)
+                for j, b in enumerate(idx):
+                    if scores[j] > placements[b]["score"]:
+                        placements[b].update({"score": scores[j], "delta": delta[j]})
+                        scopes[b] = "image"
+        if delta_only:  # no mark fits: δ over the lesion-free area (alpha 0 draws nothing)
+            delta, scores = run_delta(delta_only, [0] * len(delta_only), [0] * len(delta_only),
+                                      [0.0] * len(delta_only), [self.logo_scale] * len(delta_only),
+                                      [~region[b] for b in delta_only], seed0 + 53)
+            for j, b in enumerate(delta_only):
+                placements[b] = {"x": 0, "y": 0, "alpha": 0.0, "score": scores[j], "delta": delta[j]}
+                scopes[b] = "image"
+        deltas: dict[int, np.ndarray] = {b: p["delta"].permute(1, 2, 0).detach().cpu().numpy().astype(np.float32)
+                                         for b, p in enumerate(placements) if p is not None and "delta" in p}
         mark_fps = {b: footprint(H, W, logo, placements[b]["x"], placements[b]["y"], scales[b]) for b in todo}
-        delta_targets = (todo if use_delta else []) + delta_only
-        if delta_targets:
-            sub = torch.tensor(delta_targets, device=images.device)
-            marked = composite(images[sub], logo, [placements[b]["x"] for b in delta_targets],
-                               [placements[b]["y"] for b in delta_targets],
-                               [placements[b]["alpha"] for b in delta_targets], [scales[b] for b in delta_targets])
-            fps = torch.from_numpy(np.stack([mark_fps[b] if b in mark_fps else ~region[b]
-                                             for b in delta_targets])).to(images.device)
-
-            def loss_fn(x: Tensor) -> Tensor:
-                return torch.stack([F.cross_entropy(lg.float(), labels[sub], reduction="none")
-                                    for lg in self.ensemble_logits(x)]).mean(0)
-
-            gen = torch.Generator().manual_seed(int(self.placement_cfg.get("seed", 0)) + batch_idx)
-            delta = pgd_on_footprint(loss_fn, marked, fps, float(self.delta_cfg["epsilon"]),
-                                     int(self.delta_cfg["steps"]), self.delta_cfg.get("step_size"), generator=gen)
-            for j, b in enumerate(delta_targets):
-                deltas[b] = delta[j].permute(1, 2, 0).cpu().numpy().astype(np.float32)
 
         originals = [to_uint8_hwc(images[b]) for b in range(B)]
         protected, fps_all, visible_all = [], [], []
@@ -575,7 +606,7 @@ class AdvMarkModule(TaskModule):
                 fps_all.append(np.zeros((H, W), dtype=bool))
                 visible_all.append(np.zeros((H, W), dtype=bool))
                 continue
-            scope = "image" if plans[b]["kind"] == "delta_only" else "footprint"
+            scope = scopes[b]
             protected.append(render_protected(originals[b], logo, p["x"], p["y"], p["alpha"], scales[b],
                                               deltas.get(b), delta_scope=scope))
             visible = mark_fps.get(b, np.zeros((H, W), dtype=bool))
@@ -602,7 +633,7 @@ class AdvMarkModule(TaskModule):
                 "id": ids[b], "label": int(labels[b]), "protected_ok": p is not None,
                 "placement": plans[b]["kind"], "dilation_px": int(plans[b]["dilation_px"]),
                 "rung": None if p is None else p.get("rung", 0), "rungs_fitting": len(plans[b]["rungs"]),
-                "delta_scope": "image" if plans[b]["kind"] == "delta_only" else "footprint",
+                "delta_scope": scopes[b],
                 "x": None if p is None else int(p["x"]), "y": None if p is None else int(p["y"]),
                 "alpha": None if p is None else float(p["alpha"]), "scale": float(scales[b]),
                 "threshold": thresholds[b], "delta": deltas.get(b), "original": originals[b],

@@ -393,6 +393,16 @@ def test_delta_only_scope_changes_only_the_lesion_free_area_and_is_certified(qr,
         verify_certificate(changed, keys[1])
     with pytest.raises(ValueError, match="delta_scope"):
         render_protected(original, qr, 0, 0, 0.0, delta=delta, delta_scope="everywhere")
+    # the mark kept and δ widened to the lesion-free area (fallback.widen_delta): still exact on the region
+    square = np.zeros((5, 5, 4), np.float32)
+    square[..., 3] = 1.0  # a black 5x5 mark, placed below the region
+    marked = render_protected(original, square, 1, 23, 0.8, delta=delta, delta_scope="image")
+    assert np.array_equal(marked[region], original[region])
+    plain = render_protected(original, square, 1, 23, 0.8)
+    off_mark = ~region & ~footprint(30, 34, square, 1, 23)
+    assert (marked[off_mark] != plain[off_mark]).any()  # δ reaches beyond the mark's footprint
+    entry2 = dict(_entry("m", original, marked, square, delta, x=1, y=23, alpha=0.8), delta_scope="image")
+    assert rerender_check(entry2, original, marked, square, delta) is True
 
 
 def _first_fit_bruteforce(lesion, base, masks, dilations):

@@ -232,8 +232,9 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
         prot = _read_image(p)
         origs.append(from_uint8_hwc(_read_image(o)))
         prots.append(from_uint8_hwc(prot))
-        # the attacker inpaints the visible mark; a δ-only image (delta_scope image) shows none
-        fps.append(np.zeros(prot.shape[:2], dtype=bool) if entry.get("delta_scope", "footprint") == "image" else
+        # the attacker inpaints the visible mark; a δ-only image (no mark, alpha 0) shows none
+        fps.append(np.zeros(prot.shape[:2], dtype=bool) if entry.get("placement") == "delta_only" or
+                   float(entry["alpha"]) == 0.0 else
                    footprint(prot.shape[0], prot.shape[1], logo, entry["x"], entry["y"], entry["scale"]))
         ys.append(labels[image_id])
         ids.append(image_id)
