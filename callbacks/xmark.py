@@ -7,8 +7,10 @@ x_w) every validation epoch and sends it to W&B when the run logs there.
 
 * ``<run>/released/`` -- the source dataset folder copied file by file (``shutil.copy2``:
   CSVs and every untouched image byte-identical), in which a fraction ``fraction`` of the
-  target-class *training* images (train + val splits of the data module, i.e. the rows of
-  ``train.csv`` for CheXpert) is replaced by its marked copy. Labels never change (clean
+  target-class images of the released *training* pool (``pool``; default ``train``: the data
+  module's train split only, so the validation split carved from ``train.csv`` with the same
+  ``split_seed``/``val_fraction`` stays clean and the owner's own Mal/Ind-M runs select their
+  checkpoints on clean images; ``train+val``: every ``train.csv`` row) is replaced by its marked copy. Labels never change (clean
   label). Marked images are stored losslessly as PNG **under their original file name**, so
   the CSV's ``Path`` column stays byte-identical and the folder loads with the ordinary
   preset (readers decode by content, not by extension). Known limit: the file signature of
@@ -118,6 +120,8 @@ class XMarkRelease(Callback):
         owner_dir: the owner kit folder.
         data: the run's data config (stored in the secret: it serves the verification images).
         fraction: share of target-class training images marked (``method.mark_fraction``).
+        pool: which splits the marked images come from: ``train`` (default; the validation split
+            stays clean) or ``train+val``.
         seed: draws which images are marked (secret).
         verification: ``{split, num_images (m), seed}`` -- the m non-target images queried.
         thresholds: ``{tau, alpha}``, pre-registered in the secret.
@@ -127,7 +131,7 @@ class XMarkRelease(Callback):
 
     def __init__(self, output_dir: str, release_dir: str, owner_dir: str, data: dict | DictConfig,
                  fraction: float, seed: int, verification: dict | DictConfig, thresholds: dict | DictConfig,
-                 owner_id: str, private_key: str | None = None, batch_size: int = 64):
+                 owner_id: str, private_key: str | None = None, batch_size: int = 64, pool: str = "train"):
         self.output_dir = Path(output_dir)
         self.release_dir = Path(release_dir)
         self.owner_dir = Path(owner_dir)
@@ -135,6 +139,11 @@ class XMarkRelease(Callback):
         if not 0.0 < float(fraction) <= 1.0:
             raise ValueError(f"callbacks.xmark_release.fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
+        pools = {"train": ("train",), "train+val": ("train", "val")}
+        if pool not in pools:
+            raise ValueError(f"callbacks.xmark_release.pool must be one of {sorted(pools)}, got {pool!r}")
+        self.pool = pool
+        self.pool_splits = pools[pool]
         self.seed = int(seed)
         self.verification = OmegaConf.to_container(verification, resolve=True) \
             if isinstance(verification, DictConfig) else dict(verification)
@@ -152,7 +161,7 @@ class XMarkRelease(Callback):
 
     def choose_marked(self, datamodule, target_class: int) -> list:
         """The target-class training samples to mark: ``round(fraction · n)`` drawn with ``seed``."""
-        pool = [s for split in ("train", "val") for s in datamodule.splits.get(split, []) if s.label == target_class]
+        pool = [s for split in self.pool_splits for s in datamodule.splits.get(split, []) if s.label == target_class]
         pool.sort(key=lambda s: s.id)
         if not pool:
             raise ValueError(f"no training image of the target class {target_class} to mark")
@@ -251,7 +260,7 @@ class XMarkRelease(Callback):
             marker_sha256=marker_sha256(marker_file), image_size=marker.image_size, verification_ids=ids,
             verification_split=self.verification["split"], verification_seed=int(self.verification["seed"]),
             data_config=self.data, tau=tau, alpha=alpha,
-            release={"fraction": self.fraction, "marked_ids": [s.id for s in samples], "epsilon": marker.epsilon,
+            release={"fraction": self.fraction, "pool": self.pool, "marked_ids": [s.id for s in samples], "epsilon": marker.epsilon,
                      "dataset": str(self.release_dir), "source": str(source)},
             control=control,
         )
@@ -261,12 +270,12 @@ class XMarkRelease(Callback):
         cert = build_xmark_certificate(self.owner_id, doc, marker_sha256(marker_file), dataset)
         write_xmark_certificate(self.owner_dir / "certificate.json", cert, self._owner_keys())
 
-        target_pool = sum(1 for split in ("train", "val") for s in datamodule.splits.get(split, [])
+        target_pool = sum(1 for split in self.pool_splits for s in datamodule.splits.get(split, [])
                           if s.label == target)
         report = {
             "release_dir": str(self.release_dir), "source": str(source), "owner_dir": str(self.owner_dir),
             "target_class": target, "target_name": classes[target], "num_target_training_images": target_pool,
-            "fraction": self.fraction, **quality, "m": len(ids),
+            "fraction": self.fraction, "pool": self.pool, **quality, "m": len(ids),
             "control": {k: {n: v[n] for n in ("p_value", "delta_p", "wsr", "verified")} for k, v in control.items()},
             "proxy": {n: proxy_result[n] for n in ("p_value", "delta_p", "wsr", "verified")},
             "seconds": round(time.time() - started, 1),

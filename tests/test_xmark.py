@@ -147,6 +147,31 @@ def test_default_method_config_needs_real_lpips_weights(tmp_path):
     assert plain["callbacks"]["xmark_release"]["data"]["layout"] == "chexpert"
 
 
+def test_release_pool_keeps_the_validation_split_clean():
+    """pool=train marks only train-split images (the val split stays clean); train+val draws from both."""
+    from types import SimpleNamespace
+
+    from callbacks.xmark import XMarkRelease
+
+    def sample(split, i, label):
+        return SimpleNamespace(id=f"{split}{i:02d}", label=label)
+
+    splits = {name: [sample(name, i, i % 2) for i in range(n)] for name, n in (("train", 40), ("val", 20), ("test", 10))}
+    datamodule = SimpleNamespace(splits=splits)
+    common = dict(output_dir=".", release_dir="r", owner_dir="o", data={}, seed=5,
+                  verification={"split": "test", "num_images": 4, "seed": 1}, thresholds={"tau": 0.2, "alpha": 0.01},
+                  owner_id="t")
+    val_ids = {s.id for s in splits["val"]}
+    chosen = XMarkRelease(fraction=1.0, **common).choose_marked(datamodule, target_class=1)
+    assert len(chosen) == 20 and all(s.label == 1 and s.id not in val_ids for s in chosen)
+    both = XMarkRelease(fraction=1.0, pool="train+val", **common).choose_marked(datamodule, target_class=1)
+    assert len(both) == 30 and any(s.id in val_ids for s in both)
+    part = XMarkRelease(fraction=0.5, **common).choose_marked(datamodule, target_class=1)
+    assert len(part) == 10 and {s.id for s in part} < {s.id for s in chosen}
+    with pytest.raises(ValueError, match="pool"):
+        XMarkRelease(fraction=1.0, pool="everything", **common)
+
+
 # ------------------------------------------------------------------------- miniature pipeline
 
 # Miniature: 32 px, 240 images, tiny generator, ε = 16/255 and a fast generator learning rate
