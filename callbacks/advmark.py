@@ -210,7 +210,8 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
             "protected_sha256": sha256_array(r["protected"]), "logo_sha256": sha256_array(logo),
             "x": r["x"], "y": r["y"], "alpha": r["alpha"], "scale": r["scale"],
             "delta_sha256": None if r["delta"] is None else sha256_array(r["delta"]),
-            "delta_scope": r.get("delta_scope", "footprint"), "placement": r.get("placement", "mark"),
+            "delta_scope": r.get("delta_scope", "footprint"), "polarity": r.get("polarity", "dark"),
+            "placement": r.get("placement", "mark"),
             "dilation_px": r.get("dilation_px"),
             "threshold": r["threshold"], "protected_path": rel_paths[r["id"]],
         })
@@ -238,6 +239,8 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
         "dilation_px": {str(d): sum(r.get("dilation_px") == d and r.get("placement", "mark") == "mark"
                                     for r in records) for d in sorted({r.get("dilation_px") for r in records
                                                                        if r.get("dilation_px") is not None})},
+        "polarities": {k: sum(r.get("polarity", "dark") == k and r.get("placement", "mark") == "mark"
+                              for r in records) for k in ("dark", "light")},
         "changed_in_region_px": int(sum(r.get("changed_in_region_px", 0) for r in records)),
         "alpha_mean": None if not [r for r in done if r.get("placement", "mark") == "mark"] else
         float(np.mean([r["alpha"] for r in done if r.get("placement", "mark") == "mark"])),
@@ -248,7 +251,7 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
         "removal": {"median_k": module.removal_cfg["median_k"], "jpeg_quality": module.removal_cfg["jpeg_quality"],
                     "inpaint_radius": module.removal_cfg["inpaint_radius"]},
         "images": [{k: r.get(k) for k in ("id", "label", "placement", "x", "y", "alpha", "scale", "dilation_px",
-                                          "queries", "overlap_px", "pred_clean",
+                                          "polarity", "queries", "overlap_px", "pred_clean",
                                       "pred_protected", "pred_median", "pred_jpeg", "pred_inpaint")} for r in records],
     }
     (out / "protection.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")

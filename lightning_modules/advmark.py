@@ -49,8 +49,8 @@ from lightning_modules.base import to_plain
 from lightning_modules.task import TaskModule
 from watermark.blackbox_search import QueryCounter, SearchConfig, blackbox_search, quantise
 from watermark.footprint_pgd import pgd_on_footprint
-from watermark.logo import composite, composite_soft, footprint, logo_mask, render_protected, render_qr_logo, \
-    render_text_logo
+from watermark.logo import POLARITIES, composite, composite_soft, footprint, logo_mask, polarise, render_protected, \
+    render_qr_logo, render_text_logo
 from watermark.regions import boxes_from_mask, fit_mark_all, region_from_boxes, region_from_saliency
 from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
 
@@ -183,7 +183,11 @@ class AdvMarkModule(TaskModule):
             ``candidates`` -- the white-box search tries up to this many fitting rungs (scale,
             margin) for an image the first one does not fool and keeps the best (MIAD-MARK: judged
             after δ); ``widen_delta`` (opt-in, default off) -- MIAD-MARK: an image still not fooled
-            gets δ on its whole lesion-free area, the mark kept (``delta_scope: image``); ``delta_only`` -- MIAD-MARK with δ: if still no position fits, δ (same
+            gets δ on its whole lesion-free area, the mark kept (``delta_scope: image``); ``polarities`` --
+            the mark's polarities (``dark``: the logo as is; ``light``: its colours inverted, same footprint)
+            the white-box search tries, in order: an image no rung of the first polarity fools tries the
+            next polarity's rungs, which replace the first only if they fool the surrogate (certificate
+            field ``polarity``, signed); ``delta_only`` -- MIAD-MARK with δ: if still no position fits, δ (same
             PGD, same ε) acts on the whole lesion-free area instead of a mark's footprint
             (certificate field ``delta_scope: image``). Images that still cannot be protected
             keep their original pixels and are reported.
@@ -271,6 +275,10 @@ class AdvMarkModule(TaskModule):
             raise ValueError(f"method.fallback.order must be scale_first or margin_first, got {self.ladder_order!r}")
         self.max_candidates = max(1, int(fallback.get("candidates", 1)))
         self.widen_delta = bool(fallback.get("widen_delta", False))
+        self.polarities = [str(v) for v in (fallback.get("polarities") or ["dark"])]
+        if set(self.polarities) - set(POLARITIES) or len(set(self.polarities)) != len(self.polarities):
+            raise ValueError(f"method.fallback.polarities must be distinct values of {POLARITIES}, got "
+                             f"{self.polarities}")
         self.ensemble: list[nn.Module] = []  # not submodules: never saved in this module's checkpoint
         self.ensemble_paths = list(ensemble_checkpoints or [])
         self.records: list[dict] = []
@@ -522,17 +530,23 @@ class AdvMarkModule(TaskModule):
         placements: list[dict | None] = [None] * B
         if todo and self.search == "blackbox":  # the first rung only: one query budget per image
             sub = torch.tensor(todo, device=images.device)
-            found = self.place_blackbox(images[sub], labels[sub], [plans[b]["allowed"] for b in todo], logo,
+            found = self.place_blackbox(images[sub], labels[sub], [plans[b]["allowed"] for b in todo],
+                                        polarise(logo, self.polarities[0]),
                                         [plans[b]["scale"] for b in todo])
             for b, p in zip(todo, found):
                 placements[b] = p
         use_delta = self.variant == "miadmark" and self.search == "whitebox" and float(self.delta_cfg["epsilon"]) > 0
         seed0 = int(self.placement_cfg.get("seed", 0)) + 1009 * batch_idx
 
-        def run_delta(idx: list[int], xs, ys, alphas, scs, supports: list[np.ndarray], seed: int):
-            """PGD δ on ``supports`` for the images ``idx`` marked at (xs, ys, alphas, scs); δ and (fooled, CE)."""
+        logos = {pol: polarise(logo, pol) for pol in POLARITIES}
+
+        def run_delta(idx: list[int], xs, ys, alphas, scs, supports: list[np.ndarray], seed: int, pols=None):
+            """PGD δ on ``supports`` for the images ``idx`` marked at (xs, ys, alphas, scs) in polarities
+            ``pols`` (default dark); δ and (fooled, CE)."""
             sub = torch.tensor(idx, device=images.device)
-            marked = composite(images[sub], logo, xs, ys, alphas, scs)
+            pols = pols or ["dark"] * len(idx)
+            marked = torch.cat([composite(images[b:b + 1], logos[pol], x_, y_, a_, s_)
+                                for b, x_, y_, a_, s_, pol in zip(idx, xs, ys, alphas, scs, pols)])
             fps = torch.from_numpy(np.stack(supports)).to(images.device)
 
             def loss_fn(x: Tensor) -> Tensor:
@@ -550,38 +564,45 @@ class AdvMarkModule(TaskModule):
 
         if todo and self.search == "whitebox":
             # the first rung; an image it does not fool tries the next rungs (up to fallback.candidates),
-            # keeping the best result (fooled first, then higher CE) -- for MIAD-MARK judged after δ
-            for k in range(self.max_candidates):
-                idx = [b for b in todo if len(plans[b]["rungs"]) > k and
-                       (placements[b] is None or not placements[b]["score"][0])]
-                if not idx:
-                    break
-                rungs = [plans[b]["rungs"][k] for b in idx]
-                sub = torch.tensor(idx, device=images.device)
-                found = self.place_whitebox(images[sub], labels[sub], np.stack([r["region"] for r in rungs]),
-                                            [r["allowed"] for r in rungs], logo, [r["scale"] for r in rungs])
-                if use_delta:
-                    delta, scores = run_delta(idx, [p["x"] for p in found], [p["y"] for p in found],
-                                              [p["alpha"] for p in found], [r["scale"] for r in rungs],
-                                              [footprint(H, W, logo, p["x"], p["y"], r["scale"])
-                                               for p, r in zip(found, rungs)], seed0 + k)
-                    for j, p in enumerate(found):
-                        p["score"], p["delta"] = scores[j], delta[j]
-                for b, p, r in zip(idx, found, rungs):
-                    if placements[b] is None or p["score"] > placements[b]["score"]:
-                        placements[b] = {**p, "rung": k}
-                        plans[b].update({key: r[key] for key in ("region", "allowed", "scale", "dilation_px")})
+            # keeping the best result (fooled first, then higher CE) -- for MIAD-MARK judged after δ.
+            # Then the next polarity (fallback.polarities): its rungs for the images still not fooled,
+            # kept only if they fool the surrogate (otherwise the first polarity's best stays).
+            for i_pol, pol in enumerate(self.polarities):
+                for k in range(self.max_candidates):
+                    idx = [b for b in todo if len(plans[b]["rungs"]) > k and
+                           (placements[b] is None or not placements[b]["score"][0])]
+                    if not idx:
+                        break
+                    rungs = [plans[b]["rungs"][k] for b in idx]
+                    sub = torch.tensor(idx, device=images.device)
+                    found = self.place_whitebox(images[sub], labels[sub], np.stack([r["region"] for r in rungs]),
+                                                [r["allowed"] for r in rungs], logos[pol], [r["scale"] for r in rungs])
+                    if use_delta:
+                        delta, scores = run_delta(idx, [p["x"] for p in found], [p["y"] for p in found],
+                                                  [p["alpha"] for p in found], [r["scale"] for r in rungs],
+                                                  [footprint(H, W, logo, p["x"], p["y"], r["scale"])
+                                                   for p, r in zip(found, rungs)], seed0 + k + 31 * i_pol,
+                                                  [pol] * len(idx))
+                        for j, p in enumerate(found):
+                            p["score"], p["delta"] = scores[j], delta[j]
+                    for b, p, r in zip(idx, found, rungs):
+                        better = placements[b] is None or (p["score"] > placements[b]["score"] if i_pol == 0
+                                                           else p["score"][0] and not placements[b]["score"][0])
+                        if better:
+                            placements[b] = {**p, "rung": k, "polarity": pol}
+                            plans[b].update({key: r[key] for key in ("region", "allowed", "scale", "dilation_px")})
         region = np.stack([p["region"] for p in plans])
         thresholds = [p["threshold"] for p in plans]
         scales = [p["scale"] for p in plans]
         scopes = ["footprint"] * B
+        pols = [self.polarities[0] if p is None else p.get("polarity", self.polarities[0]) for p in placements]
         if use_delta and self.widen_delta:
             # opt-in: an image the mark + footprint δ does not fool gets δ on its whole lesion-free area (mark kept)
             idx = [b for b in todo if not placements[b]["score"][0]]
             if idx:
                 delta, scores = run_delta(idx, [placements[b]["x"] for b in idx], [placements[b]["y"] for b in idx],
                                           [placements[b]["alpha"] for b in idx], [scales[b] for b in idx],
-                                          [~region[b] for b in idx], seed0 + 97)
+                                          [~region[b] for b in idx], seed0 + 97, [pols[b] for b in idx])
                 for j, b in enumerate(idx):
                     if scores[j] > placements[b]["score"]:
                         placements[b].update({"score": scores[j], "delta": delta[j]})
@@ -589,7 +610,7 @@ class AdvMarkModule(TaskModule):
         if delta_only:  # no mark fits: δ over the lesion-free area (alpha 0 draws nothing)
             delta, scores = run_delta(delta_only, [0] * len(delta_only), [0] * len(delta_only),
                                       [0.0] * len(delta_only), [self.logo_scale] * len(delta_only),
-                                      [~region[b] for b in delta_only], seed0 + 53)
+                                      [~region[b] for b in delta_only], seed0 + 53, [pols[b] for b in delta_only])
             for j, b in enumerate(delta_only):
                 placements[b] = {"x": 0, "y": 0, "alpha": 0.0, "score": scores[j], "delta": delta[j]}
                 scopes[b] = "image"
@@ -608,7 +629,7 @@ class AdvMarkModule(TaskModule):
                 continue
             scope = scopes[b]
             protected.append(render_protected(originals[b], logo, p["x"], p["y"], p["alpha"], scales[b],
-                                              deltas.get(b), delta_scope=scope))
+                                              deltas.get(b), delta_scope=scope, polarity=pols[b]))
             visible = mark_fps.get(b, np.zeros((H, W), dtype=bool))
             visible_all.append(visible)
             # everything the protection may change (restore data): the mark, or δ's lesion-free support
@@ -633,7 +654,7 @@ class AdvMarkModule(TaskModule):
                 "id": ids[b], "label": int(labels[b]), "protected_ok": p is not None,
                 "placement": plans[b]["kind"], "dilation_px": int(plans[b]["dilation_px"]),
                 "rung": None if p is None else p.get("rung", 0), "rungs_fitting": len(plans[b]["rungs"]),
-                "delta_scope": scopes[b],
+                "delta_scope": scopes[b], "polarity": pols[b],
                 "x": None if p is None else int(p["x"]), "y": None if p is None else int(p["y"]),
                 "alpha": None if p is None else float(p["alpha"]), "scale": float(scales[b]),
                 "threshold": thresholds[b], "delta": deltas.get(b), "original": originals[b],

@@ -344,6 +344,65 @@ def test_miadmark_run_protects_every_image_with_mark_or_delta_only(miad_run):
 
 
 @pytest.fixture(scope="module")
+def light_run(tmp_path_factory):
+    """MedLocker with the light (inverted) polarity only: every mark is the owner's QR drawn light."""
+    tmp = tmp_path_factory.mktemp("light")
+    proc, run_dir = run_train(["experiment=medlocker_synthetic", *TINY_ADV, "method.fallback.polarities=[light]"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, tmp
+
+
+@pytest.mark.slow
+def test_light_polarity_is_certified_restored_exactly_and_a_flipped_polarity_fails(light_run):
+    from watermark.certificates import load_private_key, sign_certificate
+
+    run_dir, tmp = light_run
+    secret_path = run_dir / "owner" / "secret.json"
+    secret = json.loads(secret_path.read_text())
+    cert = json.loads((run_dir / "certificates.json").read_text())
+    marks = [e for e in cert["entries"] if e["placement"] == "mark"]
+    assert marks and all(e["polarity"] == "light" for e in marks)
+    summary = json.loads((run_dir / "protection.json").read_text())
+    assert summary["polarities"] == {"dark": 0, "light": len(marks)} and summary["lesion_max_change"] == 0
+    root = Path(secret["dataset_root"])
+    brighter = 0
+    for e in marks:
+        prot = _read(run_dir / "protected" / e["protected_path"]).astype(int)
+        orig = _read(root / "train_images" / f"{e['image_id']}.png").astype(int)
+        lesion = _read(root / "lesion_masks" / f"{e['image_id']}.png") > 127
+        assert np.array_equal(prot[lesion], orig[lesion])  # lesion pixels untouched
+        assert (prot >= orig).all()  # a light mark (no δ in MedLocker) only brightens
+        brighter += int((prot > orig).any())
+    assert brighter == len(marks)
+    ok = _verify([f"secret={secret_path}", "mode=certificate", f"images={run_dir / 'protected'}",
+                  f"out={tmp / 'c0'}"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = tmp / "restored"
+    ok = _verify([f"secret={secret_path}", "mode=restore", f"key={run_dir / 'owner' / 'master_key.hex'}",
+                  f"images={run_dir / 'protected'}", f"out={out}"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    for image_id in secret["ids"]:
+        assert np.array_equal(_read(out / "train_images" / f"{image_id}.png"),
+                              _read(root / "train_images" / f"{image_id}.png"))
+    # the polarity flipped to dark: unsigned -> the signature fails; re-signed by the owner -> the re-render fails
+    first = next(i for i, e in enumerate(cert["entries"]) if e["placement"] == "mark")
+    cert["entries"][first]["polarity"] = "dark"
+    forged = tmp / "forged.json"
+    forged.write_text(json.dumps(cert))
+    bad = _verify([f"secret={secret_path}", "mode=certificate", f"images={run_dir / 'protected'}",
+                   f"certificates={forged}", f"out={tmp / 'c1'}"])
+    assert bad.returncode == 1 and json.loads((tmp / "c1" / "report.json").read_text())["signature_valid"] is False
+    unsigned = {k: v for k, v in cert.items() if k != "signature"}
+    resigned = sign_certificate(unsigned, load_private_key(run_dir / "owner" / "owner_private_key.pem"))
+    forged.write_text(json.dumps(resigned))
+    bad = _verify([f"secret={secret_path}", "mode=certificate", f"images={run_dir / 'protected'}",
+                   f"certificates={forged}", f"out={tmp / 'c2'}"])
+    assert bad.returncode == 1
+    report = json.loads((tmp / "c2" / "report.json").read_text())
+    assert report["signature_valid"] is True and report["rerender_passed"] == report["entries"] - 1
+
+
+@pytest.fixture(scope="module")
 def http_suspect(miad_run):
     """``python -m utils.serve`` on the miniature surrogate, on loopback; yields the base URL."""
     run_dir, _ = miad_run

@@ -40,6 +40,7 @@ from watermark.logo import (
     footprint,
     logo_mask,
     overlaps,
+    polarise,
     render_protected,
     render_qr_logo,
     render_text_logo,
@@ -403,6 +404,57 @@ def test_delta_only_scope_changes_only_the_lesion_free_area_and_is_certified(qr,
     assert (marked[off_mark] != plain[off_mark]).any()  # δ reaches beyond the mark's footprint
     entry2 = dict(_entry("m", original, marked, square, delta, x=1, y=23, alpha=0.8), delta_scope="image")
     assert rerender_check(entry2, original, marked, square, delta) is True
+
+
+def test_light_polarity_inverts_the_mark_keeps_its_footprint_and_the_lesion_pixels(qr):
+    """polarity=light draws the same QR modules in the inverted colour; lesion pixels stay bit-identical."""
+    light = polarise(qr, "light")
+    assert polarise(qr, "dark") is qr
+    assert np.array_equal(light[..., 3], qr[..., 3])  # same alpha -> same footprint
+    assert np.array_equal(light[..., :3][qr[..., 3] > 0], 1 - qr[..., :3][qr[..., 3] > 0])
+    assert np.array_equal(polarise(light, "light"), qr)  # an involution
+    with pytest.raises(ValueError, match="polarity"):
+        polarise(qr, "grey")
+    rng = np.random.default_rng(5)
+    original = rng.integers(60, 200, (40, 44, 3), dtype=np.uint8)
+    lesion = np.zeros((40, 44), bool)
+    lesion[28:38, 2:40] = True  # below the mark's window (rows 1..25)
+    lesion[3:20, 30:42] = True  # right of it (columns 3..27)
+    delta = rng.uniform(-8 / 255, 8 / 255, original.shape).astype(np.float32)
+    fp = footprint(40, 44, qr, 3, 1)
+    assert not (fp & lesion).any()
+    out = {}
+    for pol in ("dark", "light"):
+        out[pol] = render_protected(original, qr, 3, 1, 0.9, delta=delta, polarity=pol)
+        assert np.array_equal(out[pol][lesion], original[lesion])  # lesion pixels untouched
+        assert np.array_equal(out[pol][~fp], original[~fp])  # nothing changes off the footprint
+    # dark modules darken, light modules brighten the same pixels (alpha 0.9 > |δ|)
+    assert (out["dark"][fp].astype(int) < original[fp]).all() and (out["light"][fp].astype(int) > original[fp]).all()
+    with pytest.raises(ValueError, match="polarity"):
+        render_protected(original, qr, 3, 1, 0.9, polarity="inverted")
+
+
+def test_light_polarity_certificate_verifies_and_a_flipped_polarity_fails(qr, keys):
+    rng = np.random.default_rng(6)
+    original = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    delta = rng.uniform(-8 / 255, 8 / 255, original.shape).astype(np.float32)
+    protected = render_protected(original, qr, 4, 5, 0.7, delta=delta, polarity="light")
+    entry = dict(_entry("l", original, protected, qr, delta, x=4, y=5, alpha=0.7), polarity="light")
+    assert rerender_check(entry, original, protected, qr, delta) is True
+    assert rerender_check(dict(entry, polarity="dark"), original, protected, qr, delta) is False
+    assert rerender_check({k: v for k, v in entry.items() if k != "polarity"}, original, protected, qr,
+                          delta) is False  # absent = dark
+    dark = render_protected(original, qr, 4, 5, 0.7, delta=delta)
+    assert rerender_check(dict(_entry("d", original, dark, qr, delta, x=4, y=5, alpha=0.7)), original, dark, qr,
+                          delta) is True  # old certificates (no polarity field) still verify
+    signed_cert = sign_certificate(build_certificate("o", [entry], "miadmark"), keys[0])
+    assert verify_certificate(signed_cert, keys[1]) is True
+    flipped = copy.deepcopy(signed_cert)
+    flipped["entries"][0]["polarity"] = "dark"
+    assert verify_certificate(flipped, keys[1]) is False  # the polarity is signed
+    flipped["entries"][0]["polarity"] = "white"
+    with pytest.raises(CertificateFormatError, match="polarity"):
+        verify_certificate(flipped, keys[1])
 
 
 def _first_fit_bruteforce(lesion, base, masks, dilations):

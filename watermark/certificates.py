@@ -8,7 +8,8 @@ A certificate is a JSON object:
      "owner_id": str, "method": str, "created_at": ISO-8601 UTC str,
      "entries": [ {image_id, original_sha256, protected_sha256, logo_sha256,
                    x, y, alpha, scale, delta_sha256 | null, threshold | null,
-                   [delta_scope: "footprint" (default) | "image"], ...}, ...],
+                   [delta_scope: "footprint" (default) | "image"],
+                   [polarity: "dark" (default) | "light"], ...}, ...],
      "signature": base64(Ed25519 signature)}
 
 The signature covers :func:`canonical_bytes` -- the certificate without its
@@ -47,7 +48,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from watermark.logo import render_protected
+from watermark.logo import POLARITIES, render_protected
 
 CERT_FORMAT = "medmark-image-certificate"
 CERT_VERSION = 1
@@ -244,6 +245,9 @@ def _check_entry(entry: Any, where: str) -> None:
     if entry.get("delta_scope", "footprint") not in DELTA_SCOPES:
         raise CertificateFormatError(f"{where}.delta_scope must be one of {DELTA_SCOPES}, got "
                                      f"{entry.get('delta_scope')!r}")
+    # optional: the mark's polarity -- the logo as is (dark, default) or its colours inverted (light)
+    if entry.get("polarity", "dark") not in POLARITIES:
+        raise CertificateFormatError(f"{where}.polarity must be one of {POLARITIES}, got {entry.get('polarity')!r}")
 
 
 def _check_certificate(cert: Any, need_signature: bool) -> None:
@@ -403,7 +407,7 @@ def rerender_check(entry: dict, original, protected, logo, delta=None) -> bool:
     1. ``sha256_array`` of ``original``, ``protected``, ``logo`` (and ``delta``; an entry
        with ``delta_sha256 = None`` requires ``delta is None``) equal the entry's hashes;
     2. :func:`watermark.logo.render_protected` ``(original, logo, x, y, alpha, scale,
-       delta)`` -- float64 numpy, delta on the footprint only, clip, ``floor(v*255+0.5)``
+       delta, delta_scope, polarity)`` -- float64 numpy, delta on the footprint only, clip, ``floor(v*255+0.5)``
        to uint8 -- equals ``protected`` exactly.
 
     Args:
@@ -428,7 +432,8 @@ def rerender_check(entry: dict, original, protected, logo, delta=None) -> bool:
         return False
     try:
         rendered = render_protected(original, logo, entry["x"], entry["y"], entry["alpha"], entry["scale"], delta,
-                                    delta_scope=entry.get("delta_scope", "footprint"))
+                                    delta_scope=entry.get("delta_scope", "footprint"),
+                                    polarity=entry.get("polarity", "dark"))
     except ValueError:
         return False  # e.g. out-of-range alpha or mis-shaped delta: the parameters cannot render it
     return bool(np.array_equal(rendered, protected))

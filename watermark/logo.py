@@ -39,6 +39,12 @@ from torch import Tensor
 # ITU-R BT.601 luma weights: how an RGB logo is drawn into a grey (C=1) image.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
+# The mark's polarity: "dark" = the logo asset as is (the owner's QR: dark modules on the image);
+# "light" = its colours inverted (RGB -> 1 - RGB, alpha unchanged): the same modules drawn light,
+# so the image shows through the light modules -- an inverted (light-on-dark) QR code of the same
+# payload, with exactly the same footprint.
+POLARITIES = ("dark", "light")
+
 _QR_ERROR_LEVELS = {
     "L": qrcode.constants.ERROR_CORRECT_L,
     "M": qrcode.constants.ERROR_CORRECT_M,
@@ -144,6 +150,20 @@ def render_text_logo(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def polarise(logo: np.ndarray | Tensor, polarity: str = "dark") -> np.ndarray | Tensor:
+    """The logo drawn in ``polarity`` (:data:`POLARITIES`): ``dark`` returns ``logo`` itself (same
+    object); ``light`` returns a copy with ``RGB -> 1 - RGB`` and the alpha channel unchanged (so the
+    footprint, ``A > 0``, is identical). Exact in float32/float64 for a {0, 1}-valued colour."""
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
+    _check_logo(logo)
+    if polarity == "dark":
+        return logo
+    out = logo.clone() if isinstance(logo, Tensor) else np.array(logo, copy=True)
+    out[..., :3] = 1 - out[..., :3]
+    return out
 
 
 def _check_logo(logo: np.ndarray | Tensor) -> None:
@@ -384,6 +404,7 @@ def render_protected(
     scale: float = 1.0,
     delta: np.ndarray | None = None,
     delta_scope: str = "footprint",
+    polarity: str = "dark",
 ) -> np.ndarray:
     """The reference (bit-exact) renderer for stored protected images.
 
@@ -391,7 +412,8 @@ def render_protected(
     anywhere, bit for bit):
 
     1. ``v = original.astype(float64) / 255``;
-    2. logo -> float64, nearest-neighbour :func:`scale_logo`, colour via
+    2. logo -> :func:`polarise` (``polarity``: ``dark`` as is, ``light`` RGB -> 1 - RGB), float64,
+       nearest-neighbour :func:`scale_logo`, colour via
        :func:`logo_colour` (RGB, or BT.601 luma for grey), ``a = alpha * A``;
     3. on the clipped logo window ``v = (1 - a) * v + a * W`` (elementwise float64);
     4. if ``delta`` is given (MIAD-MARK's perturbation, same shape as ``original``,
@@ -411,6 +433,7 @@ def render_protected(
         x, y: integer top-left position; alpha: opacity in [0, 1]; scale: > 0.
         delta: optional perturbation, see step 4.
         delta_scope: ``footprint`` or ``image``, see step 4.
+        polarity: ``dark`` (the asset as is) or ``light`` (its colours inverted), see step 2.
 
     Returns:
         uint8 array with the shape of ``original``.
@@ -428,7 +451,7 @@ def render_protected(
     img = original if original.ndim == 3 else original[..., None]
     H, W, C = img.shape
     lg = logo.detach().cpu().numpy() if isinstance(logo, Tensor) else np.asarray(logo)
-    lg = scale_logo(lg, float(scale)).astype(np.float64)
+    lg = scale_logo(polarise(lg, polarity), float(scale)).astype(np.float64)
 
     v = img.astype(np.float64) / 255.0
     fp = np.zeros((H, W), dtype=bool)
