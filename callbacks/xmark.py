@@ -18,7 +18,7 @@ x_w) every validation epoch and sends it to W&B when the run logs there.
   release as PNG yourself if that matters more than byte-identity (``docs/xmark.md``).
 * ``<run>/owner/`` -- ``generator.pt`` (G + the surrogate that gives its saliency),
   ``secret.json`` (:mod:`watermark.xmark_kit`: target class, verification ids, τ, α, m,
-  marked ids, the clean-reference control), ``certificate.json`` (signed), the owner's
+  marked ids, the controls: the clean models of training and held-out ones), ``certificate.json`` (signed), the owner's
   Ed25519 keys;
 * ``<run>/release.json`` -- public numbers: counts, PSNR/SSIM/L∞ of the stored marked
   images against their sources, the control's ΔP/p (no ids).
@@ -48,6 +48,7 @@ from PIL import Image  # noqa: E402
 from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: E402
 
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
+from lightning_modules.suspect import SuspectError, build_suspect_model  # noqa: E402
 from lightning_modules.xmark import mark_native, marker_sha256, quantise, query_pairs  # noqa: E402
 from watermark import certificates  # noqa: E402
 from watermark.xmark_kit import (  # noqa: E402
@@ -127,11 +128,19 @@ class XMarkRelease(Callback):
         thresholds: ``{tau, alpha}``, pre-registered in the secret.
         owner_id: certificate field.
         private_key: owner's Ed25519 PEM; null = create ``<owner_dir>/owner_private_key.pem``.
+        heldout_control: ``{epochs, seed, lr}`` -- train a clean model of the surrogate's
+            architecture that the generator never saw (``epochs: 0`` = none) and record it as
+            control ``heldout_0``: the clean models inside the training loop are blind to the
+            mark by construction, so only a model outside it can show that δ has become a
+            transferable adversarial perturbation (then no verdict can be claimed).
+        control_checkpoints: further clean classifier checkpoints, never seen by the generator,
+            recorded as controls ``heldout_1..``.
     """
 
     def __init__(self, output_dir: str, release_dir: str, owner_dir: str, data: dict | DictConfig,
                  fraction: float, seed: int, verification: dict | DictConfig, thresholds: dict | DictConfig,
-                 owner_id: str, private_key: str | None = None, batch_size: int = 64, pool: str = "train"):
+                 owner_id: str, private_key: str | None = None, batch_size: int = 64, pool: str = "train",
+                 heldout_control: dict | DictConfig | None = None, control_checkpoints: list | None = None):
         self.output_dir = Path(output_dir)
         self.release_dir = Path(release_dir)
         self.owner_dir = Path(owner_dir)
@@ -152,8 +161,36 @@ class XMarkRelease(Callback):
         self.owner_id = str(owner_id)
         self.private_key = private_key
         self.batch_size = int(batch_size)
+        held = heldout_control or {}
+        held = OmegaConf.to_container(held, resolve=True) if isinstance(held, DictConfig) else dict(held)
+        unknown = sorted(set(held) - {"epochs", "seed", "lr"})
+        if unknown:
+            raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} (epochs, seed, lr)")
+        self.heldout_control = {"epochs": int(held.get("epochs", 0)), "seed": int(held.get("seed", 1)),
+                                "lr": float(held.get("lr", 1e-3))}
+        if self.heldout_control["epochs"] < 0:
+            raise ValueError("callbacks.xmark_release.heldout_control.epochs must be >= 0")
+        self.control_checkpoints = [str(p) for p in (control_checkpoints or [])]
 
     # -- pieces -------------------------------------------------------------------------------
+    def heldout_models(self, pl_module, datamodule) -> list[torch.nn.Module]:
+        """Clean models outside the generator's training loop (``heldout_control``, ``control_checkpoints``)."""
+        models = []
+        if self.heldout_control["epochs"] > 0:
+            started = time.time()
+            models.append(pl_module.train_heldout_control(
+                datamodule.train_dataloader(), self.heldout_control["epochs"], self.heldout_control["seed"],
+                self.heldout_control["lr"]))
+            log.info("held-out control: %s trained %d epochs on the clean training split in %.0f s",
+                     type(models[-1]).__name__, self.heldout_control["epochs"], time.time() - started)
+        for i, path in enumerate(self.control_checkpoints):
+            try:
+                model, _ = build_suspect_model(path, task="classification")
+            except SuspectError as err:
+                raise ValueError(f"callbacks.xmark_release.control_checkpoints[{i}]: {err}") from None
+            models.append(model.eval().requires_grad_(False))
+        return models
+
     def _owner_keys(self):
         key, _private_path, _public_path = certificates.owner_signing_key(
             self.owner_dir, self.private_key, field="callbacks.xmark_release.private_key")
@@ -246,10 +283,11 @@ class XMarkRelease(Callback):
         marked = quantise(marker.mark(images)["marked"])
         control: dict[str, Any] = {}
         tau, alpha = float(self.thresholds["tau"]), float(self.thresholds["alpha"])
-        for i, model in enumerate(copy.deepcopy(m).cpu().eval() for m in pl_module.clean_models()):
+        controls = [(f"reference_{i}", copy.deepcopy(m).cpu().eval()) for i, m in enumerate(pl_module.clean_models())]
+        controls += [(f"heldout_{i}", m) for i, m in enumerate(self.heldout_models(pl_module, datamodule))]
+        for name, model in controls:
             pairs = query_pairs(lambda x, model=model: torch.softmax(model(x), 1), images, marked, target)
-            control[f"reference_{i}"] = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha,
-                                                   pairs["pred_marked"], target)
+            control[name] = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
         proxy = copy.deepcopy(pl_module.model).cpu().eval()
         pairs = query_pairs(lambda x: torch.softmax(proxy(x), 1), images, marked, target)
         proxy_result = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)

@@ -307,6 +307,35 @@ class XMarkModule(TaskModule):
     def warming_up(self) -> bool:
         return int(self.iterations) < self.hparams.warmup_steps
 
+    def train_heldout_control(self, loader, epochs: int, seed: int, lr: float = 1e-3) -> nn.Module:
+        """A clean classifier the generator never saw: the surrogate's architecture, fresh weights.
+
+        The suppression terms keep *the clean models they are trained against* blind to the
+        mark; a generator trained long enough turns δ into a perturbation that transfers to
+        other clean models anyway (docs/xmark.md). Only a model outside that loop can show it.
+
+        Args:
+            loader: clean training batches (``image`` B×C×H×W in [0, 1], ``label`` B long).
+            epochs: passes over ``loader`` (Adam, cross-entropy).
+            seed: initialisation and data order of this model.
+        Returns:
+            the trained model, on the CPU, in eval mode, frozen.
+        """
+        device = self.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = instantiate(_no_pretrained(copy.deepcopy(self.surrogate_config))).to(device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=float(lr))
+            model.train()
+            for _ in range(int(epochs)):
+                for batch in loader:
+                    logits = model(batch["image"].to(device))
+                    loss = nn.functional.cross_entropy(logits, batch["label"].to(device).long())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        return model.cpu().eval().requires_grad_(False)
+
     def clean_models(self) -> list[nn.Module]:
         """The frozen clean classifiers of the suppression terms: surrogate + references."""
         return [self.surrogate, *self.references]

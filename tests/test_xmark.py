@@ -170,6 +170,11 @@ def test_release_pool_keeps_the_validation_split_clean():
     assert len(part) == 10 and {s.id for s in part} < {s.id for s in chosen}
     with pytest.raises(ValueError, match="pool"):
         XMarkRelease(fraction=1.0, pool="everything", **common)
+    with pytest.raises(ValueError, match=r"heldout_control: unknown field\(s\) \['epoch'\]"):
+        XMarkRelease(fraction=1.0, heldout_control={"epoch": 3}, **common)
+    release = XMarkRelease(fraction=1.0, heldout_control={"epochs": 0}, control_checkpoints=["/no/such.ckpt"], **common)
+    with pytest.raises(ValueError, match=r"control_checkpoints\[0\].*no/such.ckpt"):
+        release.heldout_models(pl_module=None, datamodule=None)
 
 
 # ------------------------------------------------------------------------- miniature pipeline
@@ -279,6 +284,22 @@ def test_mal_verifies_and_ind_m_does_not(pipeline):
     assert verify_xmark(cfg) == 1
     report = json.loads((tmp / "v_ind" / "report.json").read_text())
     assert not report["verified"] and report["p_value"] >= 0.05 and report["delta_p"] < report["tau"]
+
+    # The release recorded a clean model the generator never saw (heldout_0) next to the training
+    # loop's own clean model; it must fail here, and were it to pass, nothing could be claimed.
+    release = json.loads((run / "release.json").read_text())
+    assert {"reference_0", "heldout_0"} <= set(release["control"])
+    assert not release["control"]["heldout_0"]["verified"]
+    doc = json.loads(secret.read_text())
+    doc["control"]["heldout_0"]["verified"] = True
+    leaky = run / "owner" / "secret_control_passes.json"
+    leaky.write_text(json.dumps(doc))
+    os.chmod(leaky, 0o600)
+    cfg = compose_config([f"secret={leaky}", f"suspect={mal / 'checkpoints' / 'last.ckpt'}",
+                          f"out={tmp / 'v_leak'}"], tmp, config_name="verify")
+    assert verify_xmark(cfg) == 1
+    report = json.loads((tmp / "v_leak" / "report.json").read_text())
+    assert not report["verified"] and not report["control_fails"] and report["p_value"] < 0.01
 
 
 @pytest.mark.slow
