@@ -128,11 +128,12 @@ class XMarkRelease(Callback):
         thresholds: ``{tau, alpha}``, pre-registered in the secret.
         owner_id: certificate field.
         private_key: owner's Ed25519 PEM; null = create ``<owner_dir>/owner_private_key.pem``.
-        heldout_control: ``{epochs, seed, lr}`` -- train a clean model of the surrogate's
-            architecture that the generator never saw (``epochs: 0`` = none) and record it as
-            control ``heldout_0``: the clean models inside the training loop are blind to the
-            mark by construction, so only a model outside it can show that δ has become a
-            transferable adversarial perturbation (then no verdict can be claimed).
+        heldout_control: ``{epochs, seeds, lr}`` -- train one clean model of the surrogate's
+            architecture per seed, which the generator never saw (``epochs: 0`` or no seeds =
+            none), and record them as controls ``heldout_0..``: the clean models inside the
+            training loop are blind to the mark by construction, so only models outside it can
+            show that δ has become a transferable adversarial perturbation (then no verdict can
+            be claimed). Whether one clean model picks δ up depends on its seed, hence several.
         control_checkpoints: further clean classifier checkpoints, never seen by the generator,
             recorded as controls ``heldout_1..``.
     """
@@ -163,10 +164,10 @@ class XMarkRelease(Callback):
         self.batch_size = int(batch_size)
         held = heldout_control or {}
         held = OmegaConf.to_container(held, resolve=True) if isinstance(held, DictConfig) else dict(held)
-        unknown = sorted(set(held) - {"epochs", "seed", "lr"})
+        unknown = sorted(set(held) - {"epochs", "seeds", "lr"})
         if unknown:
-            raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} (epochs, seed, lr)")
-        self.heldout_control = {"epochs": int(held.get("epochs", 0)), "seed": int(held.get("seed", 1)),
+            raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} (epochs, seeds, lr)")
+        self.heldout_control = {"epochs": int(held.get("epochs", 0)), "seeds": [int(v) for v in held.get("seeds", [])],
                                 "lr": float(held.get("lr", 1e-3))}
         if self.heldout_control["epochs"] < 0:
             raise ValueError("callbacks.xmark_release.heldout_control.epochs must be >= 0")
@@ -176,13 +177,13 @@ class XMarkRelease(Callback):
     def heldout_models(self, pl_module, datamodule) -> list[torch.nn.Module]:
         """Clean models outside the generator's training loop (``heldout_control``, ``control_checkpoints``)."""
         models = []
-        if self.heldout_control["epochs"] > 0:
+        epochs = self.heldout_control["epochs"]
+        for seed in self.heldout_control["seeds"] if epochs > 0 else []:
             started = time.time()
-            models.append(pl_module.train_heldout_control(
-                datamodule.train_dataloader(), self.heldout_control["epochs"], self.heldout_control["seed"],
-                self.heldout_control["lr"]))
-            log.info("held-out control: %s trained %d epochs on the clean training split in %.0f s",
-                     type(models[-1]).__name__, self.heldout_control["epochs"], time.time() - started)
+            models.append(pl_module.train_heldout_control(datamodule.train_dataloader(), epochs, seed,
+                                                          self.heldout_control["lr"]))
+            log.info("held-out control %d: %s (seed %d) trained %d epochs on the clean training split in %.0f s",
+                     len(models) - 1, type(models[-1]).__name__, seed, epochs, time.time() - started)
         for i, path in enumerate(self.control_checkpoints):
             try:
                 model, _ = build_suspect_model(path, task="classification")
