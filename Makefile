@@ -21,14 +21,14 @@ venv: $(STAMP)
 
 # The main job: the StealthMark story on built-in synthetic polyps (generated on first use under
 # data/): train a clean UNet, watermark it, verify both, print both verdicts and the Dice of each.
-# ~17 min on a 2-core CPU (docs/stealthmark.md §4 for what this budget reaches and what more buys).
+# 12-17 min on a 2-core CPU (docs/stealthmark.md §4 for what this budget reaches; make demo-full for the rest).
 demo: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo
 
-# The same story at the budget that meets every StealthMark acceptance figure (1800 marking steps,
-# 10 LIME images per suspect; ~50 min on an idle 2-core CPU, docs/stealthmark.md §4).
+# The same story at the budget that meets every StealthMark acceptance figure (160 marking epochs =
+# 2880 steps, 10 LIME images per suspect; about an hour on an idle 2-core CPU, docs/stealthmark.md §4).
 demo-full: venv
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo_full --mark-epochs 100 --lime-images 10
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo_full --mark-epochs 160 --lime-images 10
 
 # Plain segmentation training only (UNet on synthetic polyps, ~2 min): the foundation's demo.
 demo-task: venv
