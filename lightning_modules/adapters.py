@@ -47,6 +47,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -68,9 +69,11 @@ __all__ = [
     "CheckpointSuspect",
     "HttpOptions",
     "HttpSuspect",
+    "NonFiniteOutputError",
     "OnnxSuspect",
     "Suspect",
     "SuspectError",
+    "SuspectOperatorError",
     "TorchScriptSuspect",
     "open_suspect",
     "require_weights",
@@ -107,6 +110,14 @@ class Suspect(Protocol):
 # ----------------------------------------------------------------------------- shared checks
 
 
+class SuspectOperatorError(SuspectError):
+    """A TorchScript suspect uses an operator outside the allow-list (file, process or global state)."""
+
+
+class NonFiniteOutputError(SuspectError):
+    """A suspect answered NaN/inf (logits or probabilities); the message names the file or URL."""
+
+
 def _check_task(task: str | None, where: str) -> None:
     if task is not None and task not in TASKS:
         raise SuspectError(f"{where}: task must be one of {TASKS}, got {task!r}")
@@ -126,6 +137,8 @@ def _check_classes(probs: Tensor, num_classes: int | None, where: str) -> None:
 def logits_to_probs(logits: Tensor, task: str, batch: int, where: str, num_classes: int | None = None) -> Tensor:
     """Shape-check an exported model's logits and turn them into probabilities (CPU float32)."""
     logits = logits.detach().float().cpu()
+    if not torch.isfinite(logits).all():
+        raise NonFiniteOutputError(f"{where}: returned non-finite logits (NaN/inf) for {batch} images")
     if task == "segmentation":
         if logits.dim() != 4 or logits.shape[0] != batch or logits.shape[1] != 1:
             raise SuspectError(f"{where}: returned logits of shape {tuple(logits.shape)} for {batch} images; a "
@@ -138,7 +151,7 @@ def logits_to_probs(logits: Tensor, task: str, batch: int, where: str, num_class
         probs = torch.softmax(logits, dim=1)
         _check_classes(probs, num_classes, where)
     if not torch.isfinite(probs).all():
-        raise SuspectError(f"{where}: returned non-finite logits (NaN/inf) for {batch} images")
+        raise NonFiniteOutputError(f"{where}: returned logits that give non-finite probabilities for {batch} images")
     return probs
 
 
@@ -153,7 +166,7 @@ def check_probabilities(probs: Tensor, task: str, batch: int, where: str, num_cl
         raise SuspectError(f"{where}: answered shape {shape} for {batch} images; a classification suspect must "
                            "answer B×K probabilities (K >= 2)")
     if not torch.isfinite(probs).all():
-        raise SuspectError(f"{where}: answered non-finite values (NaN/inf)")
+        raise NonFiniteOutputError(f"{where}: answered non-finite values (NaN/inf)")
     lo, hi = float(probs.min()), float(probs.max())
     if lo < -_PROB_TOLERANCE or hi > 1 + _PROB_TOLERANCE:
         raise SuspectError(f"{where}: answered values in [{lo:.4g}, {hi:.4g}], not probabilities in [0, 1] (logits? "
@@ -195,6 +208,115 @@ def _exported_from(metadata: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- TorchScript
 
 
+# Why an allow-list and not a sandbox: a TorchScript archive is code that runs inside the
+# verifier's own process, with its permissions (the owner's secret.json, keys, reports). A
+# separate sandboxed process (seccomp / no filesystem / no network) would be the stronger
+# isolation, but it is platform-specific, costs a copy of every batch and would still need this
+# list to say what a suspect may do. The interpreter itself has no Python and no I/O except
+# through registered operators, so every effect a graph can have is an operator node: allowing
+# only tensor computation (namespaces below) minus a deny-set of the few operators that touch
+# files, print, share storage, use the network or change the process's global state closes the
+# effects that matter. The archive's code is checked twice: as text before ``torch.jit.load``
+# (which runs any ``__setstate__`` the archive defines -- code that would otherwise run before a
+# graph could be inspected) and as graphs after it, before the first forward.
+TORCHSCRIPT_ALLOWED_NAMESPACES = frozenset({"aten", "prim", "quantized"})
+TORCHSCRIPT_DENIED_OPS = frozenset({
+    "aten::from_file", "aten::save", "aten::_print", "prim::Print",          # files, stdout
+    "aten::set_", "aten::set_data",                                          # storage sharing / aliasing
+    "aten::manual_seed", "aten::seed", "aten::set_grad_enabled",             # the verifier's global state
+    "aten::_cufft_set_plan_cache_max_size",
+    "prim::rpc_async", "prim::rpc_sync", "prim::rpc_remote",                 # network
+    "prim::fork", "aten::wait", "prim::awaitable", "prim::awaitable_nowait", "prim::awaitable_wait",
+    "prim::PythonOp", "prim::IgnoredPythonOp",                               # Python callbacks
+    "prim::CallFunction",                                                    # unresolved call (inlined away normally)
+})
+# any aten/prim op whose name mentions files, persistence, printing, shared memory or RPC
+_DENIED_OP_NAME = re.compile(r"file|save|load|print|pickle|mmap|shm|share|ipc|rpc", re.IGNORECASE)
+# the same, as the archive's serialized code spells calls (torch.save(...), ops.aten.from_file(...), print(...))
+_DENIED_SOURCE_CALL = re.compile(
+    r"\b(from_file|save|load|_load\w*|print|_print|set_|set_data|manual_seed|seed|set_grad_enabled|"
+    r"rpc_async|rpc_sync|rpc_remote|_fork|fork|_wait|wait)\s*\(")
+_SOURCE_NAMESPACE = re.compile(r"\bops\.(\w+)\.(\w+)")
+_MAX_SOURCE_BYTES = 64 << 20  # one code file of an archive (a UNet's is a few hundred kB)
+
+
+def _op_refusal(kind: str) -> str | None:
+    """Why operator ``kind`` (``namespace::name``) is refused, or ``None`` when allowed."""
+    namespace, _, name = kind.partition("::")
+    if namespace not in TORCHSCRIPT_ALLOWED_NAMESPACES:
+        return f"namespace {namespace!r} is not tensor computation (allowed: {sorted(TORCHSCRIPT_ALLOWED_NAMESPACES)})"
+    if kind in TORCHSCRIPT_DENIED_OPS or _DENIED_OP_NAME.search(name):
+        return "it touches files, prints, shares storage, uses the network or changes the process's global state"
+    return None
+
+
+def check_torchscript_source(path: str | Path) -> None:
+    """Refuse an archive whose serialized code calls a denied operator, *before* ``torch.jit.load``.
+
+    ``torch.jit.load`` compiles the archive's ``code/`` and runs ``__setstate__`` methods while
+    unpickling, so this textual check is what stands between a hostile archive and load time.
+    Raises :class:`SuspectOperatorError` naming the archive, the code file and the call.
+    """
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if "/code/" not in f"/{name}" or not name.endswith(".py"):
+                continue
+            info = archive.getinfo(name)
+            if info.file_size > _MAX_SOURCE_BYTES:
+                raise SuspectOperatorError(f"{path}: refused before loading: {name} holds {info.file_size} bytes of "
+                                           f"code (more than {_MAX_SOURCE_BYTES})")
+            text = archive.read(name).decode("utf-8", errors="replace")
+            for match in _SOURCE_NAMESPACE.finditer(text):
+                why = _op_refusal(f"{match.group(1)}::{match.group(2)}")
+                if why:
+                    raise SuspectOperatorError(f"{path}: refused before loading: {name} calls operator "
+                                               f"{match.group(1)}::{match.group(2)} ({why})")
+            match = _DENIED_SOURCE_CALL.search(text)
+            if match:
+                raise SuspectOperatorError(f"{path}: refused before loading: {name} calls {match.group(1)}(...), "
+                                           "an operator that touches files, prints, shares storage, uses the network "
+                                           "or changes the process's global state (not tensor computation)")
+
+
+def _graph_refusals(graph: Any):
+    """``(operator kind, source line)`` of every refused node, nested blocks and subgraphs included."""
+    stack = [graph.nodes()]
+    while stack:
+        for node in stack.pop():
+            kind = node.kind()
+            if _op_refusal(kind):
+                yield kind, node.sourceRange().splitlines()[0].strip() if node.sourceRange() else ""
+            stack.extend(block.nodes() for block in node.blocks())
+            if node.hasAttribute("Subgraph"):
+                stack.append(node.g("Subgraph").nodes())
+
+
+def check_torchscript_ops(module: Any, where: str | Path) -> None:
+    """Refuse a loaded ``ScriptModule`` whose code uses an operator outside the allow-list.
+
+    Walks every method (and forward hook) of the module and of all its submodules, each as its
+    *inlined* graph (calls into other methods and functions are inlined), into every nested
+    ``prim::If`` / ``prim::Loop`` block. Allowed: namespaces ``aten``, ``prim`` (control flow,
+    lists, tuples, constants, attributes) and ``quantized`` (int8 kernels), minus
+    :data:`TORCHSCRIPT_DENIED_OPS` and names that mention files/printing/sharing/RPC.
+    Raises :class:`SuspectOperatorError` naming the file, the method and the operator.
+    """
+    for module_name, submodule in module.named_modules():
+        script = getattr(submodule, "_c", None)
+        if script is None:
+            continue
+        functions = [(name, script._get_method(name)) for name in script._method_names()]
+        functions += [(f"hook {getattr(fn, 'name', '?')}", fn)
+                      for fn in list(script._get_forward_hooks()) + list(script._get_forward_pre_hooks())]
+        for method_name, function in functions:
+            graph = getattr(function, "inlined_graph", None) or function.graph
+            for kind, line in _graph_refusals(graph):
+                qualname = f"{module_name}.{method_name}" if module_name else method_name
+                raise SuspectOperatorError(f"{where}: refused: method {qualname} uses operator {kind} "
+                                           f"({_op_refusal(kind)}){': ' + line if line else ''}; a suspect may "
+                                           "only compute on tensors")
+
+
 class TorchScriptSuspect:
     """A ``torch.jit.save`` archive: ``forward(images B×C×H×W in [0, 1]) -> logits``.
 
@@ -223,6 +345,7 @@ class TorchScriptSuspect:
             raise SuspectError(f"{self.path}: not a TorchScript archive (no code/ or constants.pkl; export one with "
                                f"python -m utils.export <ckpt> --format torchscript){hint}")
         self.device = torch.device(device)
+        check_torchscript_source(self.path)  # torch.jit.load runs __setstate__ code: check the text first
         extra = {METADATA_NAME: ""}
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export (still supported)
@@ -235,6 +358,7 @@ class TorchScriptSuspect:
             self.metadata = json.loads(extra[METADATA_NAME]) if extra[METADATA_NAME] else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise SuspectError(f"{self.path}: extra file {METADATA_NAME} is not valid JSON") from None
+        check_torchscript_ops(self.module, self.path)  # before any forward runs
         self.task = _metadata_task(self.metadata, task, str(self.path))
         self.module.eval()
         self.queries = 0
@@ -262,6 +386,55 @@ class TorchScriptSuspect:
 
 
 # ----------------------------------------------------------------------------- ONNX
+
+
+def _onnx_tensors(graph: Any):
+    """Every TensorProto of an ONNX graph: initializers, sparse ones, node attributes, subgraphs."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                if attribute.HasField("sparse_tensor"):
+                    yield attribute.sparse_tensor.values
+                    yield attribute.sparse_tensor.indices
+                if attribute.HasField("g"):
+                    stack.append(attribute.g)
+                stack.extend(attribute.graphs)
+
+
+def check_onnx_external_data(model_bytes: bytes, where: str | Path) -> None:
+    """Refuse an ONNX model any of whose tensors lives in an external file.
+
+    External data names a file path that onnxruntime would open and read into the weights
+    (``../../owner/secret.json`` works as well as ``weights.bin``): a suspect file must not make
+    the verifier read other files. Raises :class:`SuspectError` naming the file and the tensor.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise SuspectError(f"{where}: ONNX suspects need the onnx package to be checked (pip install onnx)") from None
+    try:
+        model = onnx.load_model_from_string(model_bytes)
+    except Exception as err:  # protobuf DecodeError and friends
+        raise SuspectError(f"{where}: not a loadable ONNX model ({type(err).__name__}: {_first_line(err, 200)})") \
+            from None
+    graphs = [model.graph] + [g for f in model.functions for n in f.node for a in n.attribute
+                              for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+    for graph in graphs:
+        for tensor in _onnx_tensors(graph):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+                location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+                raise SuspectError(f"{where}: tensor {tensor.name!r} keeps its data in an external file "
+                                   f"({location[:200]!r}); a suspect must be one self-contained .onnx file "
+                                   "(onnx.save(model, path, save_as_external_data=False))")
 
 
 class OnnxSuspect:
@@ -293,8 +466,10 @@ class OnnxSuspect:
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        model_bytes = self.path.read_bytes()
+        check_onnx_external_data(model_bytes, self.path)
+        try:  # from bytes: onnxruntime gets no directory to resolve external-data file names against
+            self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
             raise SuspectError(f"{self.path}: not a loadable ONNX model ({type(err).__name__}: "
                                f"{_first_line(err, 200)})") from None
