@@ -77,17 +77,26 @@ def _decode(path: Path, mode: str | None = None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageFile(Source):
-    """An ordinary image file (PNG, JPEG, BMP, TIFF), read as grey or RGB uint8."""
+    """An image file: PNG, JPEG, BMP, TIFF read as grey or RGB uint8; DICOM (``.dcm``,
+    ``.dicom``) read by :func:`datamodules.dicom.read_dicom` as float32 in [0, 1]."""
 
     path: Path
 
     def read(self) -> np.ndarray:
+        if self.path.suffix.lower() in (".dcm", ".dicom"):
+            from datamodules.dicom import read_dicom
+
+            return read_dicom(self.path)
         img = _open_image(self.path)
         mode = "L" if img.mode in ("L", "I", "I;16", "F", "1") else "RGB"
         arr = _decode(self.path, mode)
         return arr
 
     def size(self) -> tuple[int, int]:
+        if self.path.suffix.lower() in (".dcm", ".dicom"):
+            from datamodules.dicom import dicom_size
+
+            return dicom_size(self.path)
         w, h = _open_image(self.path).size
         return h, w
 

@@ -54,7 +54,7 @@ from datamodules.samples import BadSampleError, DatasetLayoutError, ImageFile, M
 
 log = logging.getLogger("medmark.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 PRANET_TEST_SUBSETS = ("CVC-300", "CVC-ClinicDB", "CVC-ColonDB", "ETIS-LaribPolypDB", "Kvasir")
 REFUGE_CLASSES = ("Glaucoma", "Non-Glaucoma")
 # REFUGE masks: 0 = cup, 128 = disc rim, 255 = background. The thresholds sit half-way

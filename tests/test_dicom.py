@@ -1,0 +1,244 @@
+"""DICOM input (datamodules/dicom.py): pixel transforms on pydicom's own test files, named
+refusals of broken/foreign/compressed files, and .dcm layouts through the data module."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from datamodules import DatasetError, MedicalImageDataModule
+from datamodules.dicom import dicom_size, read_dicom
+from datamodules.samples import BadSampleError, ImageFile
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CT = get_testdata_file("CT_small.dcm")  # MONOCHROME2, signed 16-bit, RescaleIntercept -1024, no window
+MR = get_testdata_file("MR_small.dcm")  # MONOCHROME2, WindowCenter/WindowWidth present
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **fields) -> Path:
+    """A single-frame uncompressed grey DICOM file (unsigned 16-bit storage, 12 bits stored)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for name, value in fields.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def modified_copy(src: str, dst: Path, **fields) -> Path:
+    ds = pydicom.dcmread(src)
+    for name, value in fields.items():
+        if value is None:
+            delattr(ds, name)
+        else:
+            setattr(ds, name, value)
+    ds.save_as(dst)
+    return dst
+
+
+# --------------------------------------------------------------------------------------
+# Pixel transforms
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "SC_rgb_rle.dcm", "JPEG2000.dcm", "693_J2KI.dcm"])
+def test_real_files_are_float32_in_unit_range(name):
+    path = get_testdata_file(name)
+    out = read_dicom(path)
+    raw = pydicom.dcmread(path).pixel_array
+    assert out.dtype == np.float32 and out.shape == raw.shape
+    assert 0.0 <= out.min() and out.max() <= 1.0 and out.max() > out.min()
+    assert dicom_size(path) == raw.shape[:2]
+
+
+def test_image_file_dispatches_on_suffix(tmp_path):
+    path = Path(shutil.copy(MR, tmp_path / "scan.DCM"))  # upper-case suffix too
+    source = ImageFile(path)
+    assert source.size() == (64, 64)
+    np.testing.assert_array_equal(source.read(), read_dicom(MR))
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    """MONOCHROME1: the brightest stored value comes out darkest, and x -> 1 - x exactly."""
+    mono1 = modified_copy(CT, tmp_path / "m1.dcm", PhotometricInterpretation="MONOCHROME1")
+    raw = pydicom.dcmread(CT).pixel_array
+    as_m2, as_m1 = read_dicom(CT), read_dicom(mono1)
+    np.testing.assert_allclose(as_m1, 1.0 - as_m2, atol=1e-6)
+    brightest, darkest = np.unravel_index(raw.argmax(), raw.shape), np.unravel_index(raw.argmin(), raw.shape)
+    assert as_m1[brightest] == as_m1.min() and as_m1[darkest] == as_m1.max()
+    assert as_m2[brightest] == as_m2.max()
+
+
+def test_rescale_is_applied_before_the_window(tmp_path):
+    """A soft-tissue window in Hounsfield units is right only if the -1024 intercept was applied."""
+    windowed = modified_copy(CT, tmp_path / "w.dcm", WindowCenter=40, WindowWidth=400)
+    no_intercept = modified_copy(CT, tmp_path / "w0.dcm", WindowCenter=40, WindowWidth=400, RescaleIntercept=0)
+    ds = pydicom.dcmread(CT)
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    out = read_dicom(windowed)
+    # LINEAR window (PS3.3 C.11.2.1.2.1): below c-0.5-(w-1)/2 -> min, above c-0.5+(w-1)/2 -> max
+    assert np.all(out[hu <= 40 - 0.5 - 199.5] == 0.0) and np.all(out[hu > 40 - 0.5 + 199.5] == 1.0)
+    inside = (hu > -150) & (hu < 230)
+    assert inside.any()
+    expected = ((hu[inside] - 39.5) / 399 + 0.5)
+    np.testing.assert_allclose(out[inside], expected, atol=1e-4)
+    assert not np.allclose(read_dicom(no_intercept), out)
+
+
+def test_without_voi_the_stored_bits_range_maps_to_unit(tmp_path):
+    pixels = np.array([[0, 1024], [2048, 4095]])
+    out = read_dicom(write_dicom(tmp_path / "x.dcm", pixels))  # 12 bits stored, unsigned
+    np.testing.assert_allclose(out, pixels / 4095.0, atol=1e-6)
+
+
+def test_window_of_a_12_bit_chest_film_monochrome1(tmp_path):
+    pixels = np.array([[0, 1000], [2000, 4000]])
+    path = write_dicom(tmp_path / "cxr.dcm", pixels, PhotometricInterpretation="MONOCHROME1",
+                       WindowCenter=2000, WindowWidth=2001)
+    out = read_dicom(path)
+    assert out[0, 0] == 1.0 and out[1, 1] == 0.0  # below the window -> white after inversion
+    assert abs(out[1, 0] - 0.5) < 1e-3
+
+
+# --------------------------------------------------------------------------------------
+# Named refusals
+# --------------------------------------------------------------------------------------
+def test_truncated_pixel_data_names_file_and_field(tmp_path):
+    data = Path(MR).read_bytes()
+    broken = tmp_path / "cut.dcm"
+    broken.write_bytes(data[: len(data) - 3000])  # header intact, pixels cut short
+    assert dicom_size(broken) == (64, 64)  # the header alone is fine (validate=header)...
+    with pytest.raises(BadSampleError, match=r"cut\.dcm.*PixelData.*Explicit VR Little Endian"):
+        read_dicom(broken)  # ...the full read is not
+
+
+def test_truncated_header_is_refused(tmp_path):
+    broken = tmp_path / "head.dcm"
+    broken.write_bytes(Path(CT).read_bytes()[:300])  # cut inside the file meta / first elements
+    with pytest.raises(BadSampleError, match=r"head\.dcm"):
+        read_dicom(broken)
+
+
+def test_non_dicom_with_dcm_suffix_is_refused(tmp_path):
+    fake = tmp_path / "photo.dcm"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(fake, format="PNG")
+    with pytest.raises(BadSampleError, match=r"photo\.dcm: not a DICOM file"):
+        read_dicom(fake)
+    with pytest.raises(BadSampleError, match=r"photo\.dcm: not a DICOM file"):
+        ImageFile(fake).size()
+
+
+def test_missing_file_and_missing_pixel_data(tmp_path):
+    with pytest.raises(BadSampleError, match="file not found"):
+        read_dicom(tmp_path / "absent.dcm")
+    with pytest.raises(BadSampleError, match=r"report\.dcm: field PixelData"):
+        read_dicom(shutil.copy(get_testdata_file("reportsi.dcm"), tmp_path / "report.dcm"))
+
+
+def test_multi_frame_is_refused_naming_number_of_frames():
+    with pytest.raises(BadSampleError, match="field NumberOfFrames is 15"):
+        read_dicom(get_testdata_file("rtdose.dcm"))
+
+
+def test_compressed_without_decoder_names_the_transfer_syntax():
+    from pydicom.pixels import get_decoder
+
+    path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    if get_decoder(pydicom.dcmread(path).file_meta.TransferSyntaxUID).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    for call in (read_dicom, dicom_size):  # refused at the header check already
+        with pytest.raises(BadSampleError, match=r"TransferSyntaxUID is JPEG-LS Lossless .*1\.2\.840\.10008\.1\.2\.4\.80"):
+            call(path)
+
+
+def test_decoder_failure_names_the_transfer_syntax():
+    """Pillow is installed but cannot decode 12-bit JPEG Extended: the error names the syntax."""
+    with pytest.raises(BadSampleError, match=r"JPEG-lossy\.dcm: field PixelData \(transfer syntax JPEG Extended"):
+        read_dicom(get_testdata_file("JPEG-lossy.dcm"))
+
+
+# --------------------------------------------------------------------------------------
+# Layouts through the data module
+# --------------------------------------------------------------------------------------
+CHEXPERT_HEADER = (
+    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
+    "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,"
+    "Fracture,Support Devices"
+)
+
+
+def chexpert_dicom_root(tmp_path: Path, n: int = 8) -> Path:
+    dataset = tmp_path / "CheXpert-v1.0-small"
+    rng = np.random.default_rng(0)
+    lines = [CHEXPERT_HEADER]
+    for i in range(n):
+        relative = f"CheXpert-v1.0-small/train/patient{i:05d}/study1/view1_frontal.dcm"
+        write_dicom(tmp_path / relative, rng.integers(0, 4096, (20, 24)), PhotometricInterpretation="MONOCHROME1",
+                    WindowCenter=2048, WindowWidth=4096)
+        no_finding, opacity = ("1.0", "") if i % 2 else ("", "1.0")
+        lines.append(",".join([relative, "Female", "60", "Frontal", "PA", no_finding, "", "", opacity] + [""] * 10))
+    (dataset / "train.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_chexpert_layout_with_dicom_images_loads_a_batch(tmp_path):
+    dm = MedicalImageDataModule(task="classification", layout="chexpert", root=str(chexpert_dicom_root(tmp_path)),
+                                classes=["No Finding", "Lung Opacity"], image_size=16, channels=1, batch_size=2,
+                                num_workers=0, val_fraction=0.25, test_fraction=0.25, validate="full",
+                                reader_options={"finding": "Lung Opacity"})
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 1, 16, 16) and batch["image"].dtype.is_floating_point
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and batch["image"].std() > 0.05
+
+
+def test_chexpert_layout_names_a_broken_dicom_at_setup(tmp_path):
+    root = chexpert_dicom_root(tmp_path)
+    bad = root / "CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.dcm"
+    bad.write_bytes(b"\x00" * 200)
+    dm = MedicalImageDataModule(task="classification", layout="chexpert", root=str(root),
+                                classes=["No Finding", "Lung Opacity"], image_size=16, channels=1,
+                                reader_options={"finding": "Lung Opacity"})
+    with pytest.raises(DatasetError, match=r"patient00003/study1/view1_frontal\.dcm: not a DICOM file"):
+        dm.setup()
+
+
+def test_segmentation_folder_with_dicom_images_and_png_masks(tmp_path):
+    root = tmp_path / "seg"
+    for i in range(8):
+        pixels = np.full((24, 24), 300)
+        pixels[4:12, 6:14] = 3800
+        write_dicom(root / "images" / f"case{i}.dcm", pixels)
+        mask = np.zeros((24, 24), np.uint8)
+        mask[4:12, 6:14] = 255
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(root / "masks" / f"case{i}.png")
+    dm = MedicalImageDataModule(task="segmentation", layout="kvasir_seg", root=str(root), image_size=24, channels=3,
+                                batch_size=4, num_workers=0, val_fraction=0.25, test_fraction=0.25,
+                                augment={"hflip": 0.0})
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 24, 24) and batch["mask"].shape == (4, 1, 24, 24)
+    inside = batch["image"][:, 0][batch["mask"][:, 0] > 0]
+    outside = batch["image"][:, 0][batch["mask"][:, 0] == 0]
+    assert inside.min() > 0.9 and outside.max() < 0.1
