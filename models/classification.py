@@ -2,8 +2,10 @@
 
 Every classifier takes images as float tensors in [0, 1] (B x C x H x W), normalises
 them inside the model and returns logits B x K. Networks are always created with
-``pretrained=False``; pretrained weights come only from a local file
-(``weights_path``), so nothing is downloaded at run time.
+``pretrained=False`` inside timm; pretrained weights come only from a local file
+(``weights_path``, or with ``pretrained=True`` the ImageNet file named for the model in
+``configs/weights.yaml``, found in ``weights_dir``, the torch hub cache or the Hugging Face
+cache), so nothing is downloaded at run time.
 
 Small inputs: timm's VGG (``vgg16``/``vgg19``) keeps the torchvision-style 7x7
 "fc6" convolution in its ``ConvMlp`` pre-logits, but ConvMlp itself adaptively
@@ -21,7 +23,13 @@ import timm
 from torch import Tensor, nn
 
 from .pixels import PixelNormalize
-from .weights import adapt_input_channels, describe_key_mismatch, load_state_dict_file, resolve_local_weights
+from .weights import (
+    adapt_input_channels,
+    describe_key_mismatch,
+    load_state_dict_file,
+    locate_timm_pretrained,
+    resolve_local_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,17 @@ def _classifier_prefix(net: nn.Module) -> str | None:
     return classifier[0] if isinstance(classifier, (list, tuple)) else classifier
 
 
+def _from_torchvision_layout(state: dict, target: dict) -> dict:
+    """A torchvision VGG checkpoint (``classifier.0/3/6``) in timm's VGG layout
+    (``pre_logits.fc1/fc2`` as convolutions, ``head.fc``), by timm's own conversion; other
+    files unchanged (torchvision ResNets already share timm's keys)."""
+    if "classifier.0.weight" in state and "pre_logits.fc1.weight" in target:
+        from timm.models.vgg import _filter_fn
+
+        return _filter_fn(state)
+    return state
+
+
 def load_classifier_weights(net: nn.Module, path: str) -> dict[str, list[str]]:
     """Load a local state dict into ``net``; keep the network's own head if the file's differs in shape.
 
@@ -100,7 +119,7 @@ def load_classifier_weights(net: nn.Module, path: str) -> dict[str, list[str]]:
     Raises:
         RuntimeError: any other missing/unexpected key or shape mismatch (the message lists them).
     """
-    state = load_state_dict_file(path)
+    state = _from_torchvision_layout(load_state_dict_file(path), net.state_dict())
     target = net.state_dict()
     adapted = adapt_input_channels(state, target)
     reinitialised = []
@@ -136,6 +155,8 @@ def build_timm_classifier(
     num_classes: int = 2,
     in_channels: int = 3,
     weights_path: str | None = None,
+    pretrained: bool = False,
+    weights_dir: str | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
     network_channels: int | None = None,
@@ -148,8 +169,16 @@ def build_timm_classifier(
             ``efficientnet_b0``, ...) or ``"small_cnn"``.
         num_classes: K, the number of logits.
         in_channels: channels of the input images.
-        weights_path: local state dict; ``None`` = random init. A head of another size is
-            dropped (random K-way head kept) and reported in ``model.weights_report``.
+        weights_path: local state dict; ``None`` = random init (unless ``pretrained``). A head
+            of another size is dropped (random K-way head kept) and reported in
+            ``model.weights_report``.
+        pretrained: with ``weights_path=None``, load the model's ImageNet weights from a local
+            copy (:func:`models.weights.locate_timm_pretrained`: ``configs/weights.yaml``'s file
+            in ``weights_dir`` or the torch hub cache, digest-checked, else timm's release in the
+            Hugging Face cache); none found is a ``FileNotFoundError`` naming the paths, never a
+            download or a silent random init. Not available for ``small_cnn``.
+        weights_dir: the local weights folder (``paths.weights_dir``); ``None`` = the
+            ``MEDMARK_WEIGHTS_DIR`` / ``./weights`` rule of :func:`models.weights.default_weights_dir`.
         mean, std: normalisation in [0, 1] units; default ImageNet for 3 network channels,
             0.5 / 0.25 otherwise.
         network_channels: channels of the network's stem (default ``in_channels``); 3 with grey
@@ -160,6 +189,11 @@ def build_timm_classifier(
         :class:`ImageClassifier`: ``forward(images B x in_channels x H x W in [0, 1])`` -> logits B x K.
     """
     normalize = PixelNormalize(in_channels, network_channels, mean, std)
+    if weights_path is None and pretrained:
+        if name in LOCAL_CLASSIFIERS:
+            raise ValueError(f"backbone.pretrained=true: '{name}' is defined in medmark and has no pretrained "
+                             "weights; use pretrained=false or a timm model name")
+        weights_path = str(locate_timm_pretrained(name, weights_dir))
     weights_file = resolve_local_weights(weights_path, f"classifier weights for {name} (backbone.weights_path)")
     if name in LOCAL_CLASSIFIERS:
         net = LOCAL_CLASSIFIERS[name](num_classes=num_classes, in_chans=normalize.network_channels, **timm_kwargs)

@@ -9,8 +9,10 @@ would quietly turn a "pretrained SAM" experiment into a "random ViT" one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,3 +138,198 @@ def describe_key_mismatch(missing: list[str], unexpected: list[str], limit: int 
     if unexpected:
         parts.append(f"unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
     return "; ".join(parts) if parts else "no key mismatch"
+
+
+# --------------------------------------------------------------------------------------
+# The weights manifest (configs/weights.yaml): which files medmark knows, where they go,
+# and the digests they must have. Read by `python -m models.weights_cli` and by
+# backbone.pretrained=true of timm classifiers.
+# --------------------------------------------------------------------------------------
+MANIFEST_PATH = Path(__file__).resolve().parents[1] / "configs" / "weights.yaml"
+_HEX = set("0123456789abcdef")
+_DIGEST_FIELDS = {"sha256": 64, "sha256_prefix": None, "md5": 32}
+
+
+class WeightsManifestError(ValueError):
+    """The manifest is unusable; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One known weights file (an entry of ``configs/weights.yaml``'s ``files``)."""
+
+    name: str
+    file: str
+    url: str
+    sha256: str | None = None
+    sha256_prefix: str | None = None
+    md5: str | None = None
+    timm: tuple[str, ...] = ()
+    used_by: str = ""
+
+    def digest_text(self) -> str:
+        """Short description of what is checked, e.g. ``"sha256 f37072fd..."``."""
+        if self.sha256:
+            return f"sha256 {self.sha256[:12]}..."
+        parts = [f"sha256 {self.sha256_prefix}..."] if self.sha256_prefix else []
+        if self.md5:
+            parts.append(f"md5 {self.md5[:12]}...")
+        return ", ".join(parts)
+
+
+def load_manifest(path: str | os.PathLike | None = None) -> dict[str, WeightEntry]:
+    """Read the weights manifest (default ``configs/weights.yaml``) and check every entry.
+
+    Returns:
+        ``{entry name: WeightEntry}`` in file order.
+
+    Raises:
+        WeightsManifestError: unreadable YAML, no ``files`` mapping, an entry without ``file``
+            or ``url``, a file name with a folder part, or a digest that is not lower-case hex of
+            the right length; the message names the manifest and ``files.<name>.<field>``.
+    """
+    import yaml
+
+    path = Path(path) if path is not None else MANIFEST_PATH
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise WeightsManifestError(f"{path}: unreadable weights manifest ({type(exc).__name__}: {exc})") from exc
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise WeightsManifestError(f"{path}: field 'files' must be a non-empty mapping of entry name -> file")
+    entries: dict[str, WeightEntry] = {}
+    for name, spec in files.items():
+        where = f"{path}: field files.{name}"
+        if not isinstance(spec, dict):
+            raise WeightsManifestError(f"{where} must be a mapping")
+        unknown = sorted(set(spec) - {"file", "url", "timm", "used_by", *_DIGEST_FIELDS})
+        if unknown:
+            raise WeightsManifestError(f"{where}: unknown key(s) {unknown}")
+        for key in ("file", "url"):
+            if not isinstance(spec.get(key), str) or not spec[key]:
+                raise WeightsManifestError(f"{where}.{key} is missing or not a string")
+        if Path(spec["file"]).name != spec["file"] or spec["file"] in (".", ".."):
+            raise WeightsManifestError(f"{where}.file must be a bare file name, got {spec['file']!r}")
+        digests = {}
+        for key, length in _DIGEST_FIELDS.items():
+            value = spec.get(key)
+            if value is None:
+                continue
+            value = str(value)
+            if not value or set(value) - _HEX or (length is not None and len(value) != length) or len(value) > 64:
+                raise WeightsManifestError(
+                    f"{where}.{key} must be lower-case hex" + (f" of {length} digits" if length else "")
+                    + f", got {value!r}"
+                )
+            digests[key] = value
+        if not digests:
+            raise WeightsManifestError(f"{where} has no digest (one of {sorted(_DIGEST_FIELDS)})")
+        timm_names = spec.get("timm") or []
+        if isinstance(timm_names, str) or not all(isinstance(n, str) for n in timm_names):
+            raise WeightsManifestError(f"{where}.timm must be a list of timm model names")
+        entries[str(name)] = WeightEntry(name=str(name), file=spec["file"], url=spec["url"], timm=tuple(timm_names),
+                                         used_by=str(spec.get("used_by", "")), **digests)
+    return entries
+
+
+def default_weights_dir() -> Path:
+    """``$MEDMARK_WEIGHTS_DIR``, else ``($MEDMARK_ROOT or the working directory)/weights``.
+
+    The same rule as ``paths.weights_dir`` in ``configs/paths/default.yaml``, for code that runs
+    outside Hydra (the weights command).
+    """
+    if os.environ.get("MEDMARK_WEIGHTS_DIR"):
+        return Path(os.path.expanduser(os.environ["MEDMARK_WEIGHTS_DIR"]))
+    return Path(os.environ.get("MEDMARK_ROOT") or os.getcwd()) / "weights"
+
+
+def candidate_paths(entry: WeightEntry, weights_dir: str | os.PathLike | None) -> list[Path]:
+    """Where ``entry`` is looked for, in order: the weights folder, then the torch hub cache."""
+    folder = Path(os.path.expandvars(os.path.expanduser(str(weights_dir)))) if weights_dir else default_weights_dir()
+    return [folder / entry.file, Path(torch.hub.get_dir()) / "checkpoints" / entry.file]
+
+
+def find_local(entry: WeightEntry, weights_dir: str | os.PathLike | None) -> Path | None:
+    """The first existing file of :func:`candidate_paths`, or ``None``."""
+    return next((p for p in candidate_paths(entry, weights_dir) if p.is_file()), None)
+
+
+def file_digests(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, str]:
+    """``(sha256 hex, md5 hex)`` of a file's bytes, read in chunks."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            sha256.update(block)
+            md5.update(block)
+    return sha256.hexdigest(), md5.hexdigest()
+
+
+def verify_file(entry: WeightEntry, path: str | os.PathLike) -> str | None:
+    """Check a local copy against every digest of ``entry``.
+
+    Returns:
+        ``None`` when all match, else a sentence naming the digest that differs (expected
+        vs. found).
+    """
+    sha256, md5 = file_digests(path)
+    if entry.sha256 and sha256 != entry.sha256:
+        return f"sha256 is {sha256}, expected {entry.sha256}"
+    if entry.sha256_prefix and not sha256.startswith(entry.sha256_prefix):
+        return f"sha256 is {sha256}, expected it to start with {entry.sha256_prefix}"
+    if entry.md5 and md5 != entry.md5:
+        return f"md5 is {md5}, expected {entry.md5}"
+    return None
+
+
+def locate_timm_pretrained(
+    name: str, weights_dir: str | os.PathLike | None, manifest: str | os.PathLike | None = None
+) -> Path:
+    """The local ImageNet weights for timm model ``name`` (``backbone.pretrained=true``), offline.
+
+    Looks, in order, at the manifest file for ``name`` in ``weights_dir`` and in the torch hub
+    cache (a found manifest file must match its digests), then at timm's own release of the
+    model's default tag in the local Hugging Face cache (where smp's encoders are found too).
+
+    Raises:
+        FileNotFoundError: nothing found; the message names every path looked at and the
+            ``fetch`` command that would put the file in place.
+        ValueError: a manifest file is present but its digest differs (a corrupt/partial copy).
+    """
+    entries = [e for e in load_manifest(manifest).values() if name in e.timm]
+    looked: list[str] = []
+    for entry in entries:
+        for path in candidate_paths(entry, weights_dir):
+            looked.append(str(path))
+            if path.is_file():
+                problem = verify_file(entry, path)
+                if problem:
+                    raise ValueError(f"pretrained weights for {name}: '{path}' is corrupt or not {entry.file} "
+                                     f"({problem}); delete it and fetch it again")
+                return path
+    hub_id = None
+    try:
+        import timm
+
+        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id if timm.models.is_model(name) else None
+    except Exception:  # an unknown name or a timm without that tag: nothing more to look at
+        hub_id = None
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for file_name in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, file_name)
+            looked.append(f"Hugging Face cache {hub_id}/{file_name}")
+            if isinstance(found, str):
+                return Path(found)
+    if entries:
+        fetch = (f"Run `python -m models.weights_cli fetch {entries[0].name}` on a machine with internet access "
+                 f"(or download {entries[0].url}) and put the file at '{looked[0]}'")
+    else:
+        fetch = ("configs/weights.yaml has no file for this model; put its timm state dict somewhere and set "
+                 "backbone.weights_path= to it")
+    raise FileNotFoundError(
+        f"backbone.pretrained=true for {name}: no local pretrained weights (medmark never downloads at run "
+        f"time). Looked at: {'; '.join(looked) or 'nothing'}. {fetch}; or set backbone.pretrained=false for "
+        "an explicit random initialisation."
+    )
