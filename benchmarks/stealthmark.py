@@ -63,7 +63,11 @@ def compose_cfg(method: str, args: argparse.Namespace, tmp: Path):
     if args.data_dir:
         overrides.append(f"paths.data_dir={args.data_dir}")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name="train", overrides=overrides)
+    from utils.run import resolve_secrets
+
+    resolve_secrets(cfg)  # the secret defaults are null: draw throwaway ones (nothing is written)
+    return cfg
 
 
 def time_training(cfg, datamodule, steps: int, warmup: int) -> list[float]:

@@ -279,6 +279,9 @@ def memory_kind(device: torch.device) -> str:
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    from utils.run import resolve_secrets
+
+    resolve_secrets(cfg)  # the secret defaults are null: draw throwaway ones (nothing is written)
     OmegaConf.resolve(cfg)
     return cfg
 

@@ -51,6 +51,7 @@ from watermark.certificates import (  # noqa: E402
     save_certificate,
     sha256_array,
     sign_certificate,
+    write_secret_file,
 )
 from watermark.keyed_removal import encrypt_residual, generate_master_key, load_master_key, save_master_key  # noqa: E402
 
@@ -272,7 +273,7 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
         "master_key_file": key_paths["master_key"],
         "removal": summary["removal"],
     }
-    (out / "owner" / "secret.json").write_text(json.dumps(secret, indent=2) + "\n")
+    write_secret_file(out / "owner" / "secret.json", (json.dumps(secret, indent=2) + "\n").encode("utf-8"))
     log.info("protected %d/%d images -> %s (certificates, restore data, owner kit)", len(done), n, out)
     return summary
 

@@ -193,6 +193,25 @@ class StealthMarkModule(TaskModule):
             )
         return self.key
 
+    def setup(self, stage: str) -> None:
+        """Under DDP, every process trains on global rank 0's key.
+
+        Each process resolves the config on its own (utils/run.py): explicit secrets agree by
+        construction, but values drawn at random (a null ``method.payload``/``trigger.seed``) would
+        differ between processes launched separately (torchrun, one command per node). Only the
+        key's SHA-256 travels unless the keys differ; then rank 0's key is broadcast once.
+        """
+        super().setup(stage)
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1 or self.key is None:
+            return
+        strategy = trainer.strategy
+        mine = self.key.sha256()
+        differs = strategy.reduce_boolean_decision(strategy.broadcast(mine, src=0) != mine, all=False)
+        if differs:
+            data = strategy.broadcast(self.key.to_dict() if trainer.is_global_zero else None, src=0)
+            self.set_key(StealthMarkKey.from_dict(data))
+
     def on_fit_start(self) -> None:
         self._require_key()
         if not any(isinstance(term, KeySampleTerm) for term in self.loss_terms.values()):

@@ -137,8 +137,10 @@ class XMarkMarker(nn.Module):
         }
         buffer = io.BytesIO()
         torch.save(bundle, buffer)
-        path.write_bytes(buffer.getvalue())
-        return path
+        # The generator is the owner's secret: 0o600 from creation, written atomically.
+        from watermark.certificates import write_secret_file
+
+        return write_secret_file(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path, factories: tuple[str, ...] = ("models.",)) -> "XMarkMarker":

@@ -61,9 +61,12 @@ def test_command_line_overrides_reach_the_config(tmp_path):
 
 def test_secret_keys_are_redacted_for_loggers(tmp_path):
     cfg = compose_config(["+method.payload=OWNER-42", "secret_keys=[method.payload]"], tmp_path)
-    public = redacted_config(cfg)
+    public = redacted_config(cfg)  # no owner kit: no salt, no digest at all
     assert "OWNER-42" not in str(public)
-    assert public["method"]["payload"].startswith("<secret sha256:")
+    assert public["method"]["payload"] == "<secret>"
+    salted = redacted_config(cfg, salt=b"\x01" * 32)
+    assert "OWNER-42" not in str(salted)
+    assert salted["method"]["payload"].startswith("<secret hmac-sha256:")
 
 
 def test_ddp_cpu_trainer_instantiates_two_gloo_processes(tmp_path):

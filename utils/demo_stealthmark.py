@@ -9,7 +9,10 @@
     python -m utils.demo_stealthmark [--out logs/demo] [--mark-epochs 30] [--lime-images 3] [overrides ...]
 
 Exit code 0 when the story holds (the marked model verifies with exit 0, the clean one is
-refused with exit 1), 1 otherwise. The payload is never printed.
+refused with exit 1), 1 otherwise. The payload and trigger seed are not given: the marking run
+draws them at random and keeps them in its owner kit (``<out>/marked/owner/``, 0600), from
+which verification reads them; they are never printed. A new demo into the same ``--out``
+replaces the previous demo's kit (``overwrite_kit=true``) along with its models.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     clean_checkpoint = _summary(runs["clean"])["best_checkpoint"]
     # constant LR: the trigger, then the QR layout, are learnt late (after ~400 steps, docs/stealthmark.md §4)
     if _run([py, "train.py", *common, f"init_weights={clean_checkpoint}", f"trainer.max_epochs={args.mark_epochs}",
-             "method.scheduler=null", f"hydra.run.dir={runs['marked']}"], "watermark it (fine-tuning from the clean weights)") != 0:
+             "method.scheduler=null", "overwrite_kit=true", f"hydra.run.dir={runs['marked']}"],
+            "watermark it (fine-tuning from the clean weights)") != 0:
         return 1
     secret = runs["marked"] / "owner" / "secret.json"
     verdicts = {}

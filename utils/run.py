@@ -7,11 +7,17 @@ composed config.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
 import os
+import secrets
+import stat
+import string
 import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +98,268 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
     return objects
 
 
-def redacted_config(cfg: DictConfig) -> dict:
-    """Resolved config as plain dict, with every key listed in ``secret_keys`` replaced by a hash.
+# ----------------------------------------------------------------------------- secrets
+#
+# A method's secret config values (StealthMark's payload and trigger seed, X-Mark's marking and
+# verification seeds) default to null in configs/method/*.yaml: a public default would be a
+# public secret. A run resolves them once, before anything is built, in this order:
+#   1. ``secret_file`` (config key, or the MEDMARK_SECRET_FILE environment variable): a JSON/YAML
+#      file whose values override the secret fields -- nothing on the command line, nothing in ps;
+#   2. resume (``ckpt_path``): the values recorded in the run's owner kit (drawn_secrets.json);
+#   3. still null: drawn with Python ``secrets`` and recorded in <kit>/drawn_secrets.json (0600).
+# Under DDP every process resolves on its own; only global rank 0 writes, and the StealthMark
+# module adopts rank 0's key when the processes' keys differ (StealthMarkModule.setup). X-Mark's
+# seeds are only used by rank 0 (XMarkRelease.on_fit_end).
 
-    This is what loggers (W&B config) receive: secrets never leave the owner kit.
+DRAWN_SECRETS_FILE = "drawn_secrets.json"
+SALT_FILE = "redaction_salt.hex"
+KIT_FILES = ("secret.json", DRAWN_SECRETS_FILE)  # present = a kit (or a run that will write one) lives here
+PAYLOAD_ALPHABET = string.ascii_lowercase + string.digits  # one byte-mode QR segment (watermark/qr.py)
+
+
+class KitExistsError(ValueError):
+    """The run would replace an existing owner kit (exit 2 from train.py)."""
+
+
+def _draw_payload(cfg: DictConfig) -> str:
+    """Random payload of the full byte capacity of ``method.qr`` (v1-H: 7 characters, ~36 bits)."""
+    from watermark.qr import byte_capacity, qr_modules
+
+    version = int(OmegaConf.select(cfg, "method.qr.version", default=1))
+    level = str(OmegaConf.select(cfg, "method.qr.error_correction", default="H")).upper()
+    length = byte_capacity(version, level)
+    for _ in range(100):
+        payload = "".join(secrets.choice(PAYLOAD_ALPHABET) for _ in range(length))
+        try:
+            qr_modules(payload, version=version, error_correction=level)
+            return payload
+        except ValueError:  # a long digit run changed the segment mode: draw again
+            continue
+    raise ValueError(f"method.payload: could not draw a payload that fits QR version {version}-{level}")
+
+
+# Dotted config key -> how a null value is drawn. Only keys present in the run's config count.
+DRAWABLE_SECRETS = {
+    "method.payload": _draw_payload,
+    "method.trigger.seed": lambda cfg: secrets.randbits(31),
+    "callbacks.xmark_release.seed": lambda cfg: secrets.randbits(63),
+    "callbacks.xmark_release.verification.seed": lambda cfg: secrets.randbits(63),
+}
+_MISSING = object()
+
+
+@dataclass
+class SecretResolution:
+    """What :func:`resolve_secrets` did: values drawn here, values reused from a kit, where from."""
+
+    kit_dir: Path | None
+    drawn: dict[str, Any] = field(default_factory=dict)
+    reused: dict[str, Any] = field(default_factory=dict)
+    reused_from: Path | None = None
+    secret_file: Path | None = None
+
+    @property
+    def recorded(self) -> dict[str, Any]:
+        """Values this run's kit must keep so that the run can be resumed."""
+        return {**self.reused, **self.drawn}
+
+
+def kit_dir(cfg: DictConfig) -> Path | None:
+    """The owner-kit folder of the run's method (null for a method without one)."""
+    callbacks = cfg.get("callbacks") or {}
+    if callbacks.get("owner_kit"):
+        return Path(callbacks.owner_kit.output_dir)
+    if callbacks.get("xmark_release"):
+        return Path(callbacks.xmark_release.owner_dir)
+    if callbacks.get("advmark_export"):
+        return Path(callbacks.advmark_export.output_dir) / "owner"
+    return None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def _secret_prefixes(cfg: DictConfig) -> list[str]:
+    return [str(k) for k in (cfg.get("secret_keys") or [])] + [k for k in DRAWABLE_SECRETS
+                                                             if OmegaConf.select(cfg, k, default=_MISSING) is not _MISSING]
+
+
+def _set_secret(cfg: DictConfig, dotted: str, value: Any, explicit: set[str] = frozenset()) -> None:
+    """Set one secret value; ``method.trigger.seed`` also reaches the trigger blocks that follow it."""
+    old = OmegaConf.select(cfg, dotted, default=None)
+    OmegaConf.update(cfg, dotted, value, merge=False)
+    if dotted != "method.trigger.seed":
+        return
+    trigger = OmegaConf.select(cfg, "method.trigger", default=None)
+    for name in list(trigger.keys()) if isinstance(trigger, DictConfig) else []:
+        block = trigger.get(name)
+        key = f"method.trigger.{name}.seed"
+        if isinstance(block, DictConfig) and "seed" in block and key not in explicit:
+            # An unresolved block interpolates ${method.trigger.seed} and follows by itself; a resolved
+            # one (train.py resolves first) holds the old value or null.
+            if OmegaConf.is_interpolation(block, "seed"):
+                continue
+            if block.seed is None or block.seed == old:
+                block.seed = value
+
+
+def read_secret_file(path: str | os.PathLike, cfg: DictConfig) -> dict[str, Any]:
+    """Dotted key -> value from a JSON/YAML secret file (nested mappings or dotted keys).
+
+    Every key must be one of the run's secret fields (``secret_keys`` or a drawable secret, or
+    below one) and exist in the config. A file readable by group/others is used with a warning.
+
+    Raises:
+        ValueError: missing/unreadable file, not a mapping, or a key that is not a secret field
+            (the message names the file and the key, never a value).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"secret_file: {p} does not exist")
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077:
+        log.warning("secret_file %s is readable by group/others (mode %s); run `chmod 600 %s`", p, oct(mode), p)
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except Exception as err:  # noqa: BLE001 -- any parse error: name the file, not its contents
+        raise ValueError(f"secret_file {p}: not valid JSON/YAML ({type(err).__name__})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"secret_file {p}: must hold a non-empty mapping of secret fields")
+    values = _flatten(data)
+    prefixes = _secret_prefixes(cfg)
+    for key in values:
+        if not any(key == pre or key.startswith(pre + ".") for pre in prefixes):
+            raise ValueError(f"secret_file {p}: field '{key}' is not a secret field of this run "
+                             f"(secret fields: {', '.join(prefixes) or 'none'})")
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ValueError(f"secret_file {p}: field '{key}' is not a key of this run's config")
+    return values
+
+
+def _read_drawn(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        values = doc["values"]
+        if not isinstance(values, dict):
+            raise TypeError("values is not a mapping")
+        return values
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: field 'values': unreadable record of drawn secrets ({type(err).__name__})") from None
+
+
+def resolve_secrets(cfg: DictConfig) -> SecretResolution:
+    """Fill the run's null secret fields in ``cfg`` (in place): secret file, then resume, then draw.
+
+    Never logs a value. Writes nothing (see :func:`record_secrets`).
+
+    Raises:
+        ValueError: a bad secret file, or a resume whose drawn secrets cannot be found.
+    """
+    result = SecretResolution(kit_dir=kit_dir(cfg))
+    source = cfg.get("secret_file")
+    explicit: set[str] = set()
+    if source:
+        values = read_secret_file(source, cfg)
+        explicit = set(values)
+        for key, value in values.items():
+            _set_secret(cfg, key, value, explicit)
+        result.secret_file = Path(source)
+    missing = [k for k in DRAWABLE_SECRETS if OmegaConf.select(cfg, k, default=_MISSING) is None]
+    if missing and cfg.get("ckpt_path"):
+        # A resumed run must train on the secret it started with: never draw a new one.
+        rel = Path("owner")
+        if result.kit_dir is not None:
+            try:
+                rel = result.kit_dir.resolve().relative_to(Path(cfg.paths.output_dir).resolve())
+            except ValueError:
+                pass
+        candidates = [p / DRAWN_SECRETS_FILE for p in
+                      ([result.kit_dir] if result.kit_dir is not None else [])
+                      + [Path(cfg.ckpt_path).resolve().parent.parent / rel]]
+        found = next((c for c in candidates if c.is_file()), None)
+        recorded = _read_drawn(found) if found else {}
+        absent = [k for k in missing if k not in recorded]
+        if absent:
+            raise ValueError(f"{', '.join(absent)}: null on resume (ckpt_path={cfg.ckpt_path}) and not recorded in "
+                             f"{' or '.join(str(c) for c in candidates)}; pass the original values with "
+                             "secret_file=<file> (a new draw would not match the checkpoint's mark)")
+        for key in missing:
+            _set_secret(cfg, key, recorded[key], explicit)
+            result.reused[key] = recorded[key]
+        result.reused_from = found
+        missing = []
+    for key in missing:
+        value = DRAWABLE_SECRETS[key](cfg)
+        _set_secret(cfg, key, value, explicit)
+        result.drawn[key] = value
+    return result
+
+
+def refuse_existing_kit(cfg: DictConfig, kit: Path | None) -> None:
+    """Raise :class:`KitExistsError` when ``kit`` already holds a kit this run would replace.
+
+    Allowed: a resume (``ckpt_path`` set: the same run goes on) or ``overwrite_kit=true``.
+    """
+    if kit is None or cfg.get("ckpt_path") or cfg.get("overwrite_kit"):
+        return
+    for name in KIT_FILES:
+        if (kit / name).exists():
+            raise KitExistsError(f"{kit / name} exists: this folder already holds an owner kit whose secret marks "
+                                 "the checkpoints beside it; choose another run folder, resume with ckpt_path=, "
+                                 "or pass overwrite_kit=true to replace it")
+
+
+def record_secrets(resolution: SecretResolution) -> bytes | None:
+    """Global rank 0 only: write ``drawn_secrets.json`` (0600) when values were drawn or reused and
+    return the kit's redaction salt (reused if present, else 32 new bytes in ``redaction_salt.hex``, 0600)."""
+    from watermark.certificates import write_secret_file
+
+    kit = resolution.kit_dir
+    if kit is None:
+        return None
+    if resolution.recorded:
+        doc = {"format": "medmark-drawn-secrets", "version": 1, "values": resolution.recorded,
+               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_secret_file(kit / DRAWN_SECRETS_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+        what = ", ".join(sorted(resolution.recorded))
+        if resolution.drawn:
+            log.info("secret value(s) %s were null: drawn at random and stored in the owner kit %s (0600)",
+                     ", ".join(sorted(resolution.drawn)), kit / DRAWN_SECRETS_FILE)
+        else:
+            log.info("secret value(s) %s reused from %s (resume) and stored in %s", what, resolution.reused_from,
+                     kit / DRAWN_SECRETS_FILE)
+    salt_path = kit / SALT_FILE
+    if salt_path.is_file():
+        try:
+            salt = bytes.fromhex(salt_path.read_text().strip())
+            if len(salt) == 32:
+                return salt
+        except ValueError:
+            pass
+    salt = secrets.token_bytes(32)
+    write_secret_file(salt_path, salt.hex().encode("ascii") + b"\n")
+    return salt
+
+
+def secret_digest(value: Any, salt: bytes) -> str:
+    """HMAC-SHA256 of a secret config value (canonical JSON) under the kit's salt, hex."""
+    message = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(salt, message, hashlib.sha256).hexdigest()
+
+
+def redacted_config(cfg: DictConfig, salt: bytes | None = None) -> dict:
+    """Resolved config as plain dict, every key listed in ``secret_keys`` replaced.
+
+    With the owner kit's ``salt`` (32 random bytes, ``<kit>/redaction_salt.hex``) the value becomes
+    ``<secret hmac-sha256:HEX>``: the owner can later show which secret a config referred to,
+    nobody else can test a guess against it (a plain hash of a 7-character payload or a seed is
+    brute-forced in seconds). Without a salt: ``<secret>``. This is what config.yaml and loggers get.
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     for dotted in cfg.get("secret_keys") or []:
@@ -106,8 +370,8 @@ def redacted_config(cfg: DictConfig) -> dict:
             if node is None:
                 break
         if isinstance(node, dict) and parts[-1] in node and node[parts[-1]] is not None:
-            digest = hashlib.sha256(json.dumps(node[parts[-1]], sort_keys=True).encode()).hexdigest()[:16]
-            node[parts[-1]] = f"<secret sha256:{digest}>"
+            node[parts[-1]] = (f"<secret hmac-sha256:{secret_digest(node[parts[-1]], salt)}>" if salt is not None
+                               else "<secret>")
     return plain
 
 
@@ -142,6 +406,7 @@ def run_training(cfg: DictConfig) -> float | None:
     """Train/test as configured; write ``summary.json``; return ``cfg.optimized_metric``'s best value."""
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
+    resolution = resolve_secrets(cfg)  # before anything is built: the module and callbacks take the values
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
@@ -155,9 +420,14 @@ def run_training(cfg: DictConfig) -> float | None:
     loggers = instantiate_list(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    public_config = redacted_config(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(public_config))
+    salt = None
+    if trainer.is_global_zero:
+        refuse_existing_kit(cfg, resolution.kit_dir)  # before anything of this run is written
+        salt = record_secrets(resolution)
+    public_config = redacted_config(cfg, salt)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(public_config))
 
     # Bad data stops the run here, before any training, naming the files at fault. Only the
     # first process reads ahead; under torchrun the others meet it inside fit() after

@@ -76,24 +76,57 @@ def generate_owner_keys(password: bytes | None = None) -> tuple[bytes, bytes]:
     return private_pem, public_pem
 
 
-def write_secret_file(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` readable by the owner only (0o600), replacing any old file.
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
+    """Write ``data`` to ``path`` atomically: a reader sees the old file or the new one, never a part.
 
-    The file is created with 0o600 from the start (no window in which it is world
-    readable) and re-chmodded in case it already existed with wider permissions.
+    The bytes go to a temporary file in the same folder, created with ``mode`` from the start
+    (``os.open(..., O_CREAT | O_EXCL, mode)``: a private file is never readable by others, not even
+    for an instant), flushed and fsynced; ``os.replace`` then puts it in place and the folder is
+    fsynced so the rename survives a crash. If anything fails, the old file is left untouched and
+    the temporary file removed.
+
+    Args:
+        path: destination file; its folder is created if missing.
+        data: the complete new contents.
+        mode: permission bits of the new file (0o600 for secrets, 0o644 for files meant to be shared).
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}-{os.urandom(6).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)  # the umask may have removed bits of a shared file's mode; never adds any to 0o600
         with os.fdopen(fd, "wb") as f:
             fd = -1
             f.write(data)
-    finally:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
         if fd >= 0:
             os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(p.parent, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: the rename is still atomic
+        return p
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
     return p
+
+
+def write_secret_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` readable by the owner only (0o600), atomically replacing any old file.
+
+    The file is created with 0o600 from the start (no window in which it is world
+    readable); an old file with wider permissions is replaced, not reused (:func:`atomic_write`).
+    """
+    return atomic_write(path, data, 0o600)
 
 
 def warn_if_exposed(path: str | os.PathLike) -> None:
@@ -110,11 +143,7 @@ def save_private_key(path: str | os.PathLike, private_pem: bytes) -> Path:
 
 def save_public_key(path: str | os.PathLike, public_pem: bytes) -> Path:
     """Save a public-key PEM (0o644: it is meant to be shared)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(public_pem)
-    os.chmod(p, 0o644)
-    return p
+    return atomic_write(path, public_pem, 0o644)
 
 
 def load_private_key(source: str | os.PathLike | bytes | Ed25519PrivateKey,
@@ -381,11 +410,8 @@ def verify_certificate(cert: dict, public_key) -> bool:
 
 
 def save_certificate(path: str | os.PathLike, cert: dict) -> Path:
-    """Write a certificate as indented JSON (the signature does not depend on formatting)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(cert, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    return p
+    """Write a certificate as indented JSON (the signature does not depend on formatting), atomically, 0o644."""
+    return atomic_write(path, (json.dumps(cert, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"), 0o644)
 
 
 def load_certificate(path: str | os.PathLike) -> dict:
