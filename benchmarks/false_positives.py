@@ -77,13 +77,19 @@ USAGE = __doc__
 
 
 def _checkpoint_backbone(path: str | Path) -> dict:
-    import torch
+    """The marked model's backbone config, validated by :mod:`models.safe_reader` (exact factory
+    table, scalar arguments only): it comes from a file and is then instantiated by training."""
+    from models.safe_reader import ModelFileError, config_of, read_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone")
-    if not isinstance(backbone, dict):
-        raise SystemExit(f"error: {path}: no hyper_parameters.backbone to copy (pass backbones=<names>)")
-    return backbone
+    try:
+        checkpoint = read_checkpoint(path)
+        backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone")
+        if not isinstance(backbone, dict):
+            raise SystemExit(f"error: {path}: no hyper_parameters.backbone to copy (pass backbones=<names>)")
+        # pretrained keys kept: the unmarked twins start like the marked model did
+        return config_of(backbone, path, "hyper_parameters.backbone", no_pretrained=False)
+    except ModelFileError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def train_unmarked(data: dict, backbone: str, own_backbone: dict | None, seed: int, run_dir: Path, epochs: int,

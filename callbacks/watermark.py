@@ -21,6 +21,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from omegaconf import DictConfig
 
 from lightning_modules.base import to_plain
+from models.safe_reader import read_checkpoint
 from watermark import certificates, explain
 from watermark.owner_kit import (
     build_model_certificate,
@@ -193,7 +194,7 @@ class OwnerKitExport(Callback):
 
         model_path = best or last
         if model_path:
-            state = torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
+            state = read_checkpoint(model_path)["state_dict"]  # models.safe_reader: weights only, no config built
             weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
             model = {"checkpoint": Path(model_path).name, "checkpoint_sha256": file_sha256(model_path),
                      "weights_sha256": weights_sha256(weights)}

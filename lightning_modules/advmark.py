@@ -32,7 +32,6 @@ differ from the stored original only on the mark. The export checks this bit for
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -41,12 +40,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from lightning_modules.adapters import open_suspect
 from lightning_modules.base import to_plain
 from lightning_modules.task import TaskModule
+from models.safe_reader import ModelFileError, load_model_checkpoint
 from watermark.blackbox_search import QueryCounter, SearchConfig, blackbox_search, quantise
 from watermark.footprint_pgd import pgd_on_footprint
 from watermark.logo import POLARITIES, composite, composite_soft, footprint, logo_mask, polarise, render_protected, \
@@ -60,55 +59,28 @@ VARIANTS = ("medlocker", "miadmark")
 REGION_SOURCES = ("lesion_mask", "gradcam")
 
 
-class ClassifierLoadError(ValueError):
-    """A classifier checkpoint cannot be used; the message names the file and field."""
+class ClassifierLoadError(ModelFileError):
+    """A classifier checkpoint cannot be used; the message names the file and field (a ``ValueError``)."""
 
 
-def load_classifier_checkpoint(path: str | Path, factories: tuple[str, ...] = ("models.",)) -> tuple[nn.Module, dict]:
+def load_classifier_checkpoint(path: str | Path, factories: tuple[str, ...] = ()) -> tuple[nn.Module, dict]:
     """Network + hyper-parameters of a medmark *classification* Lightning checkpoint (CPU, eval).
 
-    Reads with ``torch.load(weights_only=True)``; only ``_target_`` factories under
-    ``factories`` are instantiated (a checkpoint is foreign input).
+    Read by :func:`models.safe_reader.load_model_checkpoint` (``weights_only=True``; the backbone
+    is built from the exact-name factory table, never with Hydra; ``factories`` only adds
+    operator-trusted ones). A checkpoint that stores no task counts as classification.
+
+    Raises:
+        ClassifierLoadError: missing/corrupt/foreign file or refused config (file and field named).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ClassifierLoadError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for foreign / corrupt files
-        raise ClassifierLoadError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ClassifierLoadError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    hparams = checkpoint.get("hyper_parameters") or {}
-    backbone = hparams.get("backbone")
-    if not isinstance(backbone, dict) or "_target_" not in backbone:
-        raise ClassifierLoadError(f"{path}: field 'hyper_parameters.backbone' is missing (not a medmark checkpoint)")
-    if not str(backbone["_target_"]).startswith(tuple(factories)):
-        raise ClassifierLoadError(f"{path}: field 'hyper_parameters.backbone._target_' = {backbone['_target_']!r} "
-                                  f"is not a trusted model factory ({', '.join(factories)})")
-    if hparams.get("task", "classification") != "classification":
-        raise ClassifierLoadError(f"{path}: field 'hyper_parameters.task' is {hparams.get('task')!r}, "
-                                  "expected a classification model")
-    config = copy.deepcopy(backbone)
-    config["weights_path"] = None  # the checkpoint's own weights replace any pretrained file
-    try:
-        model = instantiate(config)
-    except Exception as err:
-        raise ClassifierLoadError(f"{path}: cannot build hyper_parameters.backbone ({type(err).__name__}: {err})") \
-            from None
-    state = {k[len("model."):].replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()
-             if k.startswith("model.")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ClassifierLoadError(f"{path}: field 'state_dict' does not fit its backbone: {str(err)[:300]}") from None
-    return model.eval(), hparams
+    return load_model_checkpoint(path, task="classification", factories=tuple(factories),
+                                 default_task="classification", error=ClassifierLoadError)
 
 
 class ClassifierSuspect:
     """``predict(images B×C×H×W in [0, 1]) -> softmax B×K`` of a classification checkpoint; counts queries."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", factories: tuple[str, ...] = ("models.",)):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", factories: tuple[str, ...] = ()):
         self.path = Path(path)
         self.model, self.hparams = load_classifier_checkpoint(self.path, tuple(factories))
         self.device = torch.device(device)

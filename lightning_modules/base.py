@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from losses.base import LossTerm
+from models.safe_reader import ModelFileError, model_state, read_checkpoint
 
 
 SPEED_DEFAULTS: dict[str, Any] = {
@@ -137,17 +138,16 @@ class ObjectiveModule(LightningModule):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"init_weights: {path} does not exist")
+        # Only the weights are read (models.safe_reader: weights_only=True); the file's stored
+        # config is never built -- this module's own backbone config (configs/) is.
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for foreign / corrupt files
-            raise ValueError(f"init_weights: {path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"init_weights: {path} is not a Lightning checkpoint (no 'state_dict')")
-        state = {k[len("model."):].replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()
-                 if k.startswith("model.")}
+            checkpoint = read_checkpoint(path)
+        except ModelFileError as err:
+            raise ValueError(f"init_weights: {path} is not a readable PyTorch checkpoint "
+                             f"({str(err).removeprefix(f'{path}: ')})") from None
         try:
-            self.model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
+            self.model.load_state_dict(model_state(checkpoint), strict=True)
+        except (RuntimeError, TypeError) as err:
             raise ValueError(f"init_weights: the weights in {path} do not fit this backbone: {str(err)[:400]}") from None
 
     def loss_weights(self) -> dict[str, float]:

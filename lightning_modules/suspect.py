@@ -8,104 +8,57 @@ image passed to :meth:`CheckpointSuspect.predict` counts as one query.
 The other suspect kinds (TorchScript, ONNX, HTTP endpoint) and the factory that picks one
 from a path or URL live in :mod:`lightning_modules.adapters` (``open_suspect``).
 
-Suspect files come from someone else: the checkpoint is read with
-``torch.load(weights_only=True)`` (no pickled code runs) and only model factories from
-trusted modules (``models.`` by default; ``verify.py suspect_factories=[...]``) may be
-instantiated from its config.
+Suspect files come from someone else: they are read by :mod:`models.safe_reader`
+(``torch.load(weights_only=True)``, no pickled code runs) and the network is built by calling
+a factory from its exact-name table directly (no Hydra ``instantiate``: nothing nested in the
+file's config is ever built). ``factories`` (``verify.py suspect_factories=[...]``) only *adds*
+operator-trusted factories of the verifier's own code (e.g. a test network); see
+:mod:`models.safe_reader`.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
-# Config keys that would make the factory read pretrained weights from disk; the checkpoint's
-# own weights replace them anyway, and the verifier's machine need not have those files.
-_NO_PRETRAINED = {"encoder_weights": None, "encoder_weights_path": None, "checkpoint": None, "weights_path": None}
+from models.safe_reader import ModelFileError, file_sha256, load_model_checkpoint, read_checkpoint
+
+__all__ = ["CheckpointSuspect", "SuspectError", "build_suspect_model", "file_sha256"]
 
 
-class SuspectError(ValueError):
-    """The suspect file cannot be used; the message names the file (and field)."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (the suspect's identity in reports)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class SuspectError(ModelFileError):
+    """The suspect file cannot be used; the message names the file (and field). A ``ValueError``."""
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SuspectError(f"{path}: suspect checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for foreign / corrupt / unsafe files
-        raise SuspectError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0][:200]})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise SuspectError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    return checkpoint
+    """Kept for old callers: :func:`models.safe_reader.read_checkpoint` raising :class:`SuspectError`."""
+    return read_checkpoint(path, SuspectError)
 
 
 def build_suspect_model(
-    path: str | Path, factories: tuple[str, ...] = ("models.",), task: str | None = "segmentation"
+    path: str | Path, factories: tuple[str, ...] = (), task: str | None = "segmentation"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Network and hyper-parameters of a medmark Lightning checkpoint (weights loaded, CPU, eval mode).
 
     Args:
         path: the checkpoint.
-        factories: module prefixes whose ``_target_`` may be instantiated (the checkpoint's config
-            names its own factory; anything else could run arbitrary code).
+        factories: operator-trusted factories *added* to :data:`models.safe_reader.FACTORIES`
+            (exact names, or ``module.`` for the functions / ``nn.Module`` classes that module
+            defines); ``models.`` adds nothing.
         task: the task the checkpoint must have been trained for (``segmentation`` for
             StealthMark, ``classification`` for X-Mark); ``None`` accepts the checkpoint's own
             (``hyper_parameters.task``, default segmentation).
+    Returns:
+        ``(model, hparams)``; ``hparams["backbone"]`` is the validated config.
     Raises:
         SuspectError: missing/corrupt file, no ``hyper_parameters.backbone``, a factory outside
-            ``factories``, a checkpoint of another task, or weights that do not fit the network.
+            the table, a nested / Hydra-special config entry, a checkpoint of another task, or
+            weights that do not fit the network (file and key path named).
     """
-    path = Path(path)
-    checkpoint = _read_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters") or {}
-    backbone = hparams.get("backbone")
-    if not isinstance(backbone, dict) or "_target_" not in backbone:
-        raise SuspectError(f"{path}: field 'hyper_parameters.backbone' is missing (not a medmark checkpoint)")
-    target = str(backbone["_target_"])
-    if not target.startswith(tuple(factories)):
-        raise SuspectError(f"{path}: field 'hyper_parameters.backbone._target_' = {target!r} is not a trusted "
-                           f"model factory ({', '.join(p + '*' for p in factories)}); refusing to instantiate it")
-    found = hparams.get("task", "segmentation")
-    if task is not None and found != task:
-        raise SuspectError(f"{path}: field 'hyper_parameters.task' is {found!r}; this verification needs a "
-                           f"{task} model")
-    config = copy.deepcopy(backbone)
-    for name, value in _NO_PRETRAINED.items():
-        if name in config:
-            config[name] = value
-    if "allow_random_init" in config:
-        config["allow_random_init"] = True  # weights come from the checkpoint right below
-    try:
-        model = instantiate(config)
-    except Exception as err:
-        raise SuspectError(f"{path}: cannot build hyper_parameters.backbone ({type(err).__name__}: {err})") from None
-    state = {}
-    for name, tensor in checkpoint["state_dict"].items():
-        if name.startswith("model."):
-            # torch.compile wraps the network; its weights carry an _orig_mod. prefix.
-            state[name[len("model."):].replace("_orig_mod.", "")] = tensor
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise SuspectError(f"{path}: field 'state_dict' does not fit its backbone config: {str(err)[:500]}") from None
-    return model.eval(), hparams
+    return load_model_checkpoint(path, task=task, factories=tuple(factories), error=SuspectError)
 
 
 class CheckpointSuspect:
@@ -125,11 +78,12 @@ class CheckpointSuspect:
     kind = "checkpoint"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
-                 factories: tuple[str, ...] = ("models.",), task: str | None = "segmentation"):
+                 factories: tuple[str, ...] = (), task: str | None = "segmentation"):
         if task not in ("segmentation", "classification", None):
             raise ValueError(f"task must be segmentation or classification, got {task!r}")
         self.path = Path(path)
-        self.model, self.hparams = build_suspect_model(self.path, tuple(factories), task=task)
+        self.factories = tuple(factories)  # operator-trusted extras, reused to build a distillation student
+        self.model, self.hparams = build_suspect_model(self.path, self.factories, task=task)
         self.task = task or str(self.hparams.get("task", "segmentation"))
         if self.task not in ("segmentation", "classification"):
             raise SuspectError(f"{self.path}: field 'hyper_parameters.task' is {self.task!r}; expected "

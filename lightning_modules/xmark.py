@@ -61,6 +61,7 @@ from lightning_modules.suspect import SuspectError, build_suspect_model
 from lightning_modules.task import TaskModule
 from losses.xmark import LPIPSTerm, random_rescale
 from models.generator import ConditionalUNetGenerator
+from models.safe_reader import ModelFileError, build_model, config_of, read_model_file, validate_kwargs
 from watermark.saliency import SaliencyCache, default_target_layer, eigencam_saliency
 
 log = logging.getLogger("medmark.xmark")
@@ -69,7 +70,7 @@ MARKER_FORMAT = "medmark-xmark-marker"
 MARKER_VERSION = 1
 
 
-class MarkerError(ValueError):
+class MarkerError(ModelFileError):
     """A marker (generator) file cannot be used; the message names the file and field."""
 
 
@@ -143,47 +144,45 @@ class XMarkMarker(nn.Module):
         return write_secret_file(path, buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path, factories: tuple[str, ...] = ("models.",)) -> "XMarkMarker":
+    def load(cls, path: str | Path, factories: tuple[str, ...] = ()) -> "XMarkMarker":
         """Read a marker file written by :meth:`save`.
 
+        Read by :mod:`models.safe_reader` (``weights_only=True``): ``generator_config`` must be
+        plain keyword arguments of :class:`ConditionalUNetGenerator`, ``surrogate_config`` an
+        exact factory of the table (``factories`` only adds operator-trusted ones); nothing
+        nested is built and Hydra never sees the file.
+
         Raises:
-            MarkerError: missing/corrupt file, wrong format, an untrusted surrogate factory, or
-                weights that do not fit their config (all named).
+            MarkerError: missing/corrupt file, wrong format, a refused config (untrusted factory,
+                nested or Hydra-special entry), or weights that do not fit their config (all named).
         """
         path = Path(path)
-        if not path.is_file():
-            raise MarkerError(f"{path}: marker (generator) file not found")
-        try:
-            bundle = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for foreign / corrupt files
-            raise MarkerError(f"{path}: not a readable marker file ({type(err).__name__})") from None
-        if not isinstance(bundle, dict) or bundle.get("format") != MARKER_FORMAT:
+        bundle = read_model_file(path, "marker (generator) file", MarkerError)
+        if bundle.get("format") != MARKER_FORMAT:
             raise MarkerError(f"{path}: field 'format' must be {MARKER_FORMAT!r} (an X-Mark owner/generator.pt)")
         if bundle.get("version") != MARKER_VERSION:
             raise MarkerError(f"{path}: field 'version' {bundle.get('version')!r} is not supported")
+        generator_config = validate_kwargs(bundle.get("generator_config"), path, "generator_config", MarkerError)
         try:
-            generator = ConditionalUNetGenerator(**bundle["generator_config"])
+            generator = ConditionalUNetGenerator(**generator_config)
             generator.load_state_dict(bundle["generator_state"])
-        except (KeyError, TypeError, RuntimeError, ValueError) as err:
+        except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as err:
             raise MarkerError(f"{path}: field 'generator_state' does not fit 'generator_config' "
                               f"({type(err).__name__}: {str(err)[:300]})") from None
         surrogate = None
         config = bundle.get("surrogate_config")
         if config is not None:
-            target = str(config.get("_target_", ""))
-            if not target.startswith(tuple(factories)):
-                raise MarkerError(f"{path}: field 'surrogate_config._target_' = {target!r} is not a trusted model "
-                                  f"factory ({', '.join(p + '*' for p in factories)})")
+            config = config_of(config, path, "surrogate_config", tuple(factories), error=MarkerError)
+            surrogate = build_model(config, path, "surrogate_config", tuple(factories), MarkerError)
             try:
-                surrogate = instantiate(_no_pretrained(config))
                 surrogate.load_state_dict(bundle["surrogate_state"])
             except Exception as err:
                 raise MarkerError(f"{path}: field 'surrogate_state' does not fit 'surrogate_config' "
                                   f"({type(err).__name__}: {str(err)[:300]})") from None
         try:
-            return cls(generator, surrogate, bundle["generator_config"], config, bundle["image_size"],
+            return cls(generator, surrogate, generator_config, config, bundle["image_size"],
                        bool(bundle.get("sign_correction", True)))
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, TypeError) as err:
             raise MarkerError(f"{path}: {err}") from None
 
 
@@ -296,6 +295,8 @@ class XMarkModule(TaskModule):
         self.xmark_panel: dict[str, Any] | None = None
 
     def _load_clean_model(self, path: str, field: str) -> tuple[nn.Module, dict]:
+        """A clean classification checkpoint via :mod:`models.safe_reader`; ``hparams["backbone"]``
+        comes back validated (exact factory, scalar arguments), so rebuilding from it is safe."""
         try:
             model, hparams = build_suspect_model(path, task="classification")
         except SuspectError as err:

@@ -85,6 +85,7 @@ class FakeSuspect:
     """A weighted suspect (``model``) that records every image batch it is sent."""
 
     kind = "checkpoint"
+    factories = ("test_attacks.",)  # the verifier's suspect_factories: the student copies a test network
 
     def __init__(self, model: nn.Module | None, task: str = "segmentation", hparams: dict | None = None):
         self.model, self.task, self.device, self.queries = model, task, torch.device("cpu"), 0

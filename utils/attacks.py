@@ -269,11 +269,17 @@ def _backbone_config(attack: dict, suspect: Any, datamodule) -> dict:
 
 
 def build_student(attack: dict, suspect: Any, datamodule) -> tuple[torch.nn.Module, dict]:
-    """A freshly initialised network for the distillation student; returns ``(model, config)``."""
+    """A freshly initialised network for the distillation student; returns ``(model, config)``.
+
+    ``attack.backbone`` null copies the suspect's own ``hyper_parameters.backbone``: that config
+    comes from a foreign file, so it is built by :func:`models.safe_reader.build_model` (exact
+    factory table plus the suspect's operator-trusted ``factories``; no Hydra). A configs/backbone
+    name or a config given on the command line is the verifier's own and is instantiated.
+    """
     from hydra.utils import instantiate
 
-    # trusted: the suspect's own config was vetted (suspect_factories) when the adapter built it, and
-    # attack.backbone comes from the verifier's configs
+    from models.safe_reader import ModelFileError, build_model
+
     config = _backbone_config(attack, suspect, datamodule)
     for key, value in _NO_PRETRAINED.items():
         if key in config:
@@ -281,6 +287,13 @@ def build_student(attack: dict, suspect: Any, datamodule) -> tuple[torch.nn.Modu
     if "allow_random_init" in config:
         config["allow_random_init"] = True
     torch.manual_seed(attack["seed"])
+    if attack["backbone"] is None:  # from the suspect's file
+        source = str(getattr(suspect, "path", None) or "the suspect")
+        factories = tuple(getattr(suspect, "factories", ()))  # the verifier's suspect_factories
+        try:
+            return build_model(config, source, "hyper_parameters.backbone", factories), config
+        except ModelFileError as err:
+            raise BadInput(f"attack=distill: {err}") from None
     try:
         return instantiate(config), config
     except Exception as err:

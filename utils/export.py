@@ -74,7 +74,7 @@ def _script_or_trace(wrapper: ExportWrapper, example: Tensor) -> tuple[torch.jit
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, image_size: int | None = None,
-           channels: int | None = None, factories: tuple[str, ...] = ("models.",), opset: int = 17,
+           channels: int | None = None, factories: tuple[str, ...] = (), opset: int = 17,
            atol: float = 1e-3, seed: int = 0) -> dict[str, Any]:
     """Write ``out`` from ``checkpoint``; return the export record (also printed by the CLI).
 
@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output file (.pt/.ts/.torchscript or .onnx)")
     parser.add_argument("--image-size", type=int, default=None, help="example input size (default: the checkpoint's)")
     parser.add_argument("--channels", type=int, default=None, help="input channels (default: the checkpoint's)")
-    parser.add_argument("--factories", nargs="+", default=["models."],
-                        help="module prefixes the checkpoint's backbone _target_ may name")
+    parser.add_argument("--factories", nargs="+", default=[],
+                        help="extra trusted factories for the checkpoint's backbone _target_ (exact names, or "
+                             "'module.' for what that module defines); models.safe_reader's table always applies")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--atol", type=float, default=1e-3, help="max |Δ probability| accepted by the check")
     args = parser.parse_args(argv)

@@ -136,7 +136,7 @@ class PredictHandler(BaseHTTPRequestHandler):
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 0, max_batch: int | None = None, device: str = "cpu",
-          task: str | None = None, factories: tuple[str, ...] = ("models.",)) -> PredictionServer:
+          task: str | None = None, factories: tuple[str, ...] = ()) -> PredictionServer:
     """Build the server (bound, not yet serving): ``server.serve_forever()`` runs it."""
     if is_url(model):
         raise SuspectError(f"{model}: serve a local file (.ckpt, .pt/.ts/.torchscript, .onnx), not a URL")
@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="for files without a medmark.json record (default: the file's own task)")
-    parser.add_argument("--factories", nargs="+", default=["models."],
-                        help="module prefixes a checkpoint's backbone _target_ may name")
+    parser.add_argument("--factories", nargs="+", default=[],
+                        help="extra trusted factories for a checkpoint's backbone _target_ (exact names, or "
+                             "'module.' for what that module defines); models.safe_reader's table always applies")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)
