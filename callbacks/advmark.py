@@ -203,9 +203,12 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
     index, entries = {}, []
     for r in done:
         name = safe_name(r["id"])
-        blob = encrypt_residual(r["original"], r["protected"], r["footprint"], mk, r["id"])
+        # the restore destination (the layout path) is bound into the blob: a restore never
+        # writes where the published index alone says (watermark/keyed_removal.py)
+        blob = encrypt_residual(r["original"], r["protected"], r["footprint"], mk, r["id"],
+                                destination=Path(rel_paths[r["id"]]).as_posix())
         (restore_dir / f"{name}.mmrb").write_bytes(blob)
-        index[r["id"]] = {"restore": f"{name}.mmrb", "protected": rel_paths[r["id"]]}
+        index[r["id"]] = {"restore": f"{name}.mmrb", "protected": Path(rel_paths[r["id"]]).as_posix()}
         entries.append({
             "image_id": r["id"], "original_sha256": sha256_array(r["original"]),
             "protected_sha256": sha256_array(r["protected"]), "logo_sha256": sha256_array(logo),

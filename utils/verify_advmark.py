@@ -12,7 +12,9 @@ Modes (``mode=``):
   from the original (``originals=`` or the secret's dataset) bit for bit. Exit 0 when the
   signature and every entry check out, 1 when any fails (report names which), 2 on bad input.
 * ``restore`` -- decrypts each image's restore data with ``key=`` (the master key file) and
-  writes the exact originals under ``out=`` in the protected images' layout. All images are
+  writes the exact originals under ``out=`` in the protected images' layout (each file's
+  relative path is authenticated with its restore data; never an absolute path, ``..`` or a
+  symlink). A hostile index is refused before anything is decrypted; all images are
   restored in memory first: a wrong key or altered data exits 2, names the failing image
   and writes nothing.
 * ``evaluate`` -- accuracy of ``suspect=`` (a classification checkpoint) on the originals
@@ -44,7 +46,19 @@ from watermark.certificates import (
     rerender_check,
     verify_certificate,
 )
-from watermark.keyed_removal import RestoreError, load_master_key, restore
+from watermark.keyed_removal import (
+    MAX_BLOB_BYTES,
+    RestoreError,
+    RestoreIndexError,
+    blob_version,
+    check_destinations,
+    check_output_path,
+    load_master_key,
+    read_restore_index,
+    restore,
+    restore_destination,
+    write_confined,
+)
 from watermark.logo import footprint
 from watermark.removal_attacks import inpaint_footprint, jpeg, median_filter
 
@@ -165,6 +179,19 @@ def check_certificates(cfg: DictConfig, doc: dict) -> int:
 
 
 def restore_images(cfg: DictConfig, doc: dict) -> int:
+    """``mode=restore``: three phases, each finished before the next starts.
+
+    1. Validate, decrypt nothing: the index (``restore/index.json`` is published data) is read
+       defensively (:func:`read_restore_index`: size cap, types, ids of the secret only, safe
+       relative paths), every protected image must resolve inside ``images=`` and every blob
+       inside the restore folder (no symlinks out), each destination is the blob's
+       authenticated one (:func:`restore_destination`), two ids may not share a destination
+       (also up to case) and no symlink / non-folder may sit on a destination's path in ``out=``.
+    2. Decrypt all in memory; AES-GCM authenticates id, protected image and destination.
+    3. Write each original atomically below ``out=`` (:func:`write_confined`).
+
+    Any refusal exits 2 naming the index file (or folder) and the entry; nothing is written.
+    """
     require(cfg, "key", "images", "out")
     key_path = Path(cfg.key)
     if not key_path.is_file():
@@ -175,33 +202,71 @@ def restore_images(cfg: DictConfig, doc: dict) -> int:
         raise BadInput(str(err)) from None
     restore_dir = Path(cfg.get("restore_dir") or doc["restore_dir"])
     index_path = restore_dir / "index.json"
-    if not index_path.is_file():
+    if not index_path.is_file() and not index_path.is_symlink():
         raise BadInput(f"{index_path}: restore index not found (the secret's field 'restore_dir')")
-    index = json.loads(index_path.read_text())
-    images_index = _image_index(Path(cfg.images), "images")
+    ids = doc["ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise BadInput(f"{cfg.secret}: field 'ids' must be a list of strings")
+    images_root, out = Path(cfg.images), Path(cfg.out)
+    # phase 1: validate everything; nothing is decrypted or written
+    try:
+        entries = read_restore_index(index_path, allowed_ids=set(ids))
+        images_index = _image_index(images_root, "images")
+        images_real, restore_real = images_root.resolve(), restore_dir.resolve()
+        plan: list[tuple[str, Path, bytes, str, str]] = []  # id, protected file, blob, bound dest, destination
+        for entry in entries:
+            where = f"{index_path}: entry {entry.image_id!r}"
+            prot_path = _find(images_index, entry.protected or None, entry.image_id)
+            if prot_path is None:
+                raise BadInput(f"images={images_root}: protected image of {entry.image_id} "
+                               f"({entry.protected}) not found")
+            if not prot_path.resolve().is_relative_to(images_real):
+                raise BadInput(f"images={images_root}: {prot_path} (for {where}) is a link to outside images=")
+            blob_path = restore_dir / entry.restore_file
+            if blob_path.is_symlink() or not blob_path.is_file() or \
+                    not blob_path.resolve().is_relative_to(restore_real):
+                raise BadInput(f"{blob_path}: restore data of {entry.image_id} not found (or a link; {where})")
+            if blob_path.stat().st_size > MAX_BLOB_BYTES:
+                raise BadInput(f"{blob_path}: larger than {MAX_BLOB_BYTES} bytes ({where})")
+            blob = blob_path.read_bytes()
+            try:
+                version = blob_version(blob)
+                dest = restore_destination(entry.image_id, entry.protected, version)
+            except (RestoreError, ValueError) as err:
+                raise BadInput(f"{where}: {err}") from None
+            bound = entry.protected if version >= 2 else ""
+            plan.append((entry.image_id, prot_path, blob, bound, dest))
+        check_destinations({image_id: dest for image_id, _, _, _, dest in plan}, str(index_path))
+        for image_id, _, _, _, dest in plan:
+            try:
+                check_output_path(out, dest)
+            except RestoreIndexError as err:
+                raise BadInput(f"{err} (destination of {index_path}: entry {image_id!r})") from None
+        check_output_path(out, "restore_report.json")
+    except RestoreIndexError as err:
+        raise BadInput(str(err)) from None
+    # phase 2: decrypt all in memory; a wrong key or altered data writes nothing
     restored: list[tuple[str, np.ndarray]] = []
-    for image_id, item in sorted(index.items()):
-        prot_path = _find(images_index, item["protected"], image_id)
-        if prot_path is None:
-            raise BadInput(f"images={cfg.images}: protected image of {image_id} ({item['protected']}) not found")
-        blob_path = restore_dir / item["restore"]
-        if not blob_path.is_file():
-            raise BadInput(f"{blob_path}: restore data of {image_id} not found")
-        protected = _read_image(prot_path)
+    for image_id, prot_path, blob, bound, dest in plan:
         try:
-            original = restore(protected, blob_path.read_bytes(), master, image_id)
+            original = restore(_read_image(prot_path), blob, master, image_id, destination=bound)
         except RestoreError as err:
-            print(f"error: restore failed for image {image_id} ({blob_path.name}): {err}; nothing was written",
-                  file=sys.stderr, flush=True)
+            print(f"error: restore failed for image {image_id} ({index_path}: entry {image_id!r}): {err}; "
+                  f"nothing was written", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT
-        restored.append((item["protected"], original))
-    from callbacks.advmark import save_png
+        restored.append((dest, original))
+    # phase 3: write below out= only, atomically
+    from io import BytesIO
 
-    out = Path(cfg.out)
-    for rel, original in restored:
-        save_png(out / Path(rel).with_suffix(".png"), original)
-    report = {"mode": "restore", "restored": len(restored), "out": str(out), "key_file": key_path.name}
-    (out / "restore_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    from PIL import Image
+
+    for dest, original in restored:
+        buffer = BytesIO()
+        Image.fromarray(original[..., 0] if original.shape[-1] == 1 else original).save(buffer, format="PNG")
+        write_confined(out, dest, buffer.getvalue())
+    report = {"mode": "restore", "restored": len(restored), "out": str(out), "key_file": key_path.name,
+              "files": [dest for dest, _ in restored]}
+    write_confined(out, "restore_report.json", (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     print(f"RESTORED: {len(restored)} images bit-exact (AES-GCM authenticated) -> {out}", flush=True)
     return EXIT_VERIFIED
 
