@@ -37,20 +37,37 @@ a query budget and a 413 "batch too large" answer (the batch is split and re-sen
 handled here. Anything else -- wrong shape, NaN, values outside [0, 1], rows that do not sum
 to 1, a body that is neither JSON nor .npy, HTTP 4xx/5xx after the retries, a timeout -- raises
 :class:`SuspectError` with the URL in the message (``verify.py`` exits 2, writes no verdict).
+The endpoint is assumed hostile: ``http.timeout_s`` is a *total* deadline per request
+(monotonic clock; the socket is shut down when it passes), answers are capped at a size the
+request justifies (:meth:`HttpSuspect.answer_size_limit`), redirects are refused
+(:class:`RedirectRefusedError`) and a bearer token is sent over ``https://`` only unless
+``http.allow_insecure_token`` (:class:`InsecureTokenError`).
 
 Suspect files are foreign input: checkpoints are read with ``weights_only=True``; a
-TorchScript archive runs TorchScript code (no Python) and an ONNX graph runs in onnxruntime.
+TorchScript archive may only compute on tensors -- its operators are checked against an
+allow-list before it is loaded and before its first forward (:func:`check_torchscript_source`,
+:func:`check_torchscript_ops`; :class:`SuspectOperatorError`); an ONNX graph runs in
+onnxruntime from bytes and may not keep tensors in external files
+(:func:`check_onnx_external_data`). NaN/inf from any exported or HTTP suspect raises
+:class:`NonFiniteOutputError` naming the file or URL.
+Why an allow-list and not a sandbox process: TorchScript has no Python and no I/O except
+through registered operators, so the operators are the complete list of a graph's effects; a
+sandboxed subprocess (seccomp, no filesystem) would be platform-specific, copy every batch,
+and would still need this list to say what a suspect may do.
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
 import re
 import socket
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -69,8 +86,11 @@ __all__ = [
     "CheckpointSuspect",
     "HttpOptions",
     "HttpSuspect",
+    "InsecureTokenError",
     "NonFiniteOutputError",
     "OnnxSuspect",
+    "RedirectRefusedError",
+    "ResponseTooLargeError",
     "Suspect",
     "SuspectError",
     "SuspectOperatorError",
@@ -555,6 +575,12 @@ class HttpOptions:
             answer with ``max_batch`` in its JSON body lowers it automatically.
         token_env: name of an environment variable holding a bearer token (sent as
             ``Authorization: Bearer ...``; never written to reports or logs).
+        allow_insecure_token: send that token over plain ``http://`` too (default: refused,
+            only ``https://`` carries it; a loopback test server needs this set).
+
+    ``timeout_s`` is the *total* time of one request (connect, send, headers and the whole
+    body) on a monotonic clock, not a per-read socket timeout: a server that drips one byte at
+    a time is cut off when it passes.
     """
 
     timeout_s: float = 30.0
@@ -564,6 +590,7 @@ class HttpOptions:
     json: bool = False
     max_batch: int | None = None
     token_env: str | None = None
+    allow_insecure_token: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any | None) -> HttpOptions:
@@ -595,10 +622,184 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    """A .npy body (no pickles); ValueError for anything else."""
+    """A .npy body (no pickles); ValueError for anything else.
+
+    The header's shape × itemsize must fit the bytes received: a 100-byte body declaring a
+    terabyte array is refused before numpy allocates it.
+    """
     if not data.startswith(b"\x93NUMPY"):
         raise ValueError("not .npy bytes (no \\x93NUMPY magic)")
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f".npy format version {version} is not supported")
+    if dtype.hasobject:
+        raise ValueError("object arrays (pickles) are not accepted")
+    declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if all(d >= 0 for d in shape) else -1
+    if declared < 0 or declared > len(data) - stream.tell():
+        raise ValueError(f"header declares shape {tuple(shape)} of {dtype} ({declared} bytes) but the body has "
+                         f"{len(data) - stream.tell()} bytes after the header")
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class InsecureTokenError(SuspectError):
+    """A bearer token would travel over plain ``http://`` (``http.allow_insecure_token`` is false)."""
+
+
+class RedirectRefusedError(SuspectError):
+    """The endpoint answered a 3xx redirect; redirects are not followed (see :class:`HttpSuspect`)."""
+
+
+class ResponseTooLargeError(SuspectError):
+    """The answer is larger than the request can justify (:meth:`HttpSuspect.answer_size_limit`)."""
+
+
+class _DeadlinePassed(Exception):
+    """Internal: a request ran past its total deadline."""
+
+
+# Response size: the request fixes how many values an answer may hold (B×K or B×1×H×W); each
+# value may take 8 bytes (.npy float64) and JSON text is longer than binary (a double prints as
+# up to ~25 characters plus separators and indentation): factor 6 on 8 bytes = 48 bytes a value.
+# The headroom covers the .npy header or JSON wrapper.
+_BYTES_PER_VALUE = 8
+_JSON_OVERHEAD = 6
+_RESPONSE_HEADROOM = 64 << 10
+_UNKNOWN_CLASSES = 1000      # classification without a known K: at most max(1000, H×W) classes
+_ERROR_BODY_BYTES = 4 << 10  # of a 4xx/5xx answer, only this much is read (for the message)
+_HEALTH_BYTES = 64 << 10
+_READ_CHUNK = 64 << 10
+
+
+class _Deadline:
+    """One request's total deadline: at ``time.monotonic() >= end`` a timer shuts its sockets down.
+
+    Socket timeouts restart on every byte; shutting the socket down is what interrupts a read
+    blocked inside ``http.client`` (status line, headers or body) when the total time is up.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.end = time.monotonic() + self.seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(self.seconds, self.expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shutdown(sock)
+        return sock
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+    def check(self) -> None:
+        if self.expired or self.remaining() <= 0:
+            self.expire()
+            raise _DeadlinePassed
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _watched_connection(base: type, deadline: _Deadline) -> type:
+    """``base`` (HTTPConnection / HTTPSConnection) whose sockets ``deadline`` can shut down."""
+
+    class Watched(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            create = self._create_connection
+            self._create_connection = lambda *a, **k: deadline.watch(create(*a, **k))
+
+    return Watched
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req):  # noqa: ANN001 - urllib signature
+        return self.do_open(_watched_connection(http.client.HTTPConnection, self._deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req):  # noqa: ANN001 - urllib signature
+        kwargs: dict[str, Any] = {"context": self._context}
+        if hasattr(self, "_check_hostname"):  # Python < 3.12
+            kwargs["check_hostname"] = self._check_hostname
+        return self.do_open(_watched_connection(http.client.HTTPSConnection, self._deadline), req, **kwargs)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx is refused, never followed: a redirect would carry the bearer token (and the images)
+    to whatever origin the endpoint names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib signature
+        if fp is not None:
+            fp.close()
+        raise RedirectRefusedError(f"{req.full_url}: answered HTTP {code} redirecting to {newurl[:200]!r}; "
+                                   "redirects are not followed (the token and images would go to another "
+                                   "origin) -- give the final URL as suspect=")
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline),
+                                       _RefuseRedirects())
+
+
+def _read_capped(response: Any, limit: int, deadline: _Deadline, where: str, what: str = "answer") -> bytes:
+    """The body in chunks: Content-Length checked up front, bytes counted, deadline checked per chunk."""
+    length = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise SuspectError(f"{where}: answered a malformed Content-Length {length[:50]!r}") from None
+        if declared > limit:
+            raise ResponseTooLargeError(f"{where}: {what} of {declared} bytes (Content-Length) exceeds the "
+                                        f"{limit} bytes this request can need; not read")
+    read = getattr(response, "read1", None) or response.read
+    buffer = bytearray()
+    while True:
+        deadline.check()
+        chunk = read(_READ_CHUNK)
+        if not chunk:
+            break
+        buffer += chunk
+        if len(buffer) > limit:
+            raise ResponseTooLargeError(f"{where}: {what} exceeds the {limit} bytes this request can need; "
+                                        f"stopped reading after {len(buffer)} bytes")
+    deadline.check()  # an EOF caused by the deadline's shutdown is a timeout, not an answer
+    return bytes(buffer)
 
 
 class HttpSuspect:
@@ -607,6 +808,13 @@ class HttpSuspect:
     ``queries`` counts images answered; ``images_sent`` also counts images of failed attempts
     (what the endpoint's owner would see); ``requests`` counts HTTP requests. ``model`` is
     ``None``: an HTTP suspect offers no weights to attack.
+
+    Hostile endpoints: each request has a *total* deadline (``http.timeout_s``, monotonic
+    clock, enforced by shutting the socket down); an answer may be at most
+    :meth:`answer_size_limit` bytes (Content-Length checked before reading, bytes counted while
+    reading); 3xx redirects are refused, not followed (:class:`RedirectRefusedError`); a bearer
+    token is sent only over ``https://`` unless ``http.allow_insecure_token``
+    (:class:`InsecureTokenError`); NaN/inf answers raise :class:`NonFiniteOutputError`.
     """
 
     kind = "http"
@@ -620,6 +828,11 @@ class HttpSuspect:
         self.url = url
         self.task = task
         self.options = options or HttpOptions()
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if self.options.token_env and scheme != "https" and not self.options.allow_insecure_token:
+            raise InsecureTokenError(f"{url}: http.token_env={self.options.token_env} would send the bearer token "
+                                     f"over plain {scheme}:// (readable on the way); use https://, or set "
+                                     "http.allow_insecure_token=true for a trusted network (e.g. loopback)")
         self.queries = 0
         self.images_sent = 0
         self.requests = 0
@@ -641,9 +854,24 @@ class HttpSuspect:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def _post(self, body: bytes, n: int) -> tuple[bytes, str]:
+    def answer_size_limit(self, shape: tuple[int, ...]) -> int:
+        """Most bytes an answer to images of ``shape`` (B×C×H×W) may have.
+
+        Values an answer may hold (segmentation B×H×W, classification B×K with K the
+        verification's classes, else at most max(1000, H×W)) × 8 bytes × 6 (JSON text) + 64 KiB.
+        """
+        batch, _, height, width = (int(d) for d in shape)
+        per_image = height * width if self.task == "segmentation" else \
+            int(self.num_classes or max(_UNKNOWN_CLASSES, height * width))
+        return batch * per_image * _BYTES_PER_VALUE * _JSON_OVERHEAD + _RESPONSE_HEADROOM
+
+    def _timed_out(self) -> str:
+        return f"timed out after {float(self.options.timeout_s):g} s (http.timeout_s, total per request)"
+
+    def _post(self, body: bytes, n: int, limit: int) -> tuple[bytes, str]:
         """POST with retries; returns ``(body, content type)``; raises SuspectError naming the URL."""
         attempts = int(self.options.retries) + 1
+        timeout = float(self.options.timeout_s)
         last = ""
         for attempt in range(attempts):
             budget = self.options.max_queries
@@ -656,33 +884,42 @@ class HttpSuspect:
             self.images_sent += n
             retry_after = None
             started = time.perf_counter()
+            deadline = _Deadline(timeout)
             try:
-                with urllib.request.urlopen(request, timeout=float(self.options.timeout_s)) as response:
-                    data = response.read()
-                    self.seconds += time.perf_counter() - started
-                    return data, response.headers.get("Content-Type", "") or ""
+                with _opener(deadline).open(request, timeout=timeout) as response:
+                    data = _read_capped(response, limit, deadline, self.url)
+                    content_type = response.headers.get("Content-Type", "") or ""
+                return data, content_type
+            except SuspectError:  # too large, redirect: the endpoint's answer is refused, not retried
+                raise
             except urllib.error.HTTPError as err:
-                self.seconds += time.perf_counter() - started
-                text = _excerpt(err.read() if err.fp else b"")
-                if err.code == 413:
-                    raise _TooLarge(text) from None
-                last = f"HTTP {err.code} {err.reason}" + (f": {text}" if text else "")
-                if not (err.code >= 500 or err.code == 429):
-                    raise SuspectError(f"{self.url}: {last}") from None
-                retry_after = _retry_after(err.headers.get("Retry-After") if err.headers else None)
-            except (TimeoutError, socket.timeout):
-                self.seconds += time.perf_counter() - started
-                last = f"timed out after {float(self.options.timeout_s):g} s (http.timeout_s)"
+                try:
+                    text = _excerpt(err.read(_ERROR_BODY_BYTES) if err.fp else b"")
+                except Exception:  # noqa: BLE001 - the error body is only for the message
+                    text = ""
+                if deadline.expired:
+                    last = self._timed_out()
+                else:
+                    if err.code == 413:
+                        raise _TooLarge(text) from None
+                    last = f"HTTP {err.code} {err.reason}" + (f": {text}" if text else "")
+                    if not (err.code >= 500 or err.code == 429):
+                        raise SuspectError(f"{self.url}: {last}") from None
+                    retry_after = _retry_after(err.headers.get("Retry-After") if err.headers else None)
+            except (_DeadlinePassed, TimeoutError, socket.timeout):
+                last = self._timed_out()
             except urllib.error.URLError as err:
-                self.seconds += time.perf_counter() - started
                 reason = err.reason
-                if isinstance(reason, (TimeoutError, socket.timeout)):
-                    last = f"timed out after {float(self.options.timeout_s):g} s (http.timeout_s)"
+                if deadline.expired or isinstance(reason, (TimeoutError, socket.timeout)):
+                    last = self._timed_out()
                 else:
                     last = f"cannot connect ({reason})"
-            except (ConnectionError, OSError, ValueError) as err:  # resets, incomplete reads, bad URL
+            except (ConnectionError, OSError, ValueError, http.client.HTTPException) as err:
+                # resets, incomplete reads, bad URL -- or the deadline's shutdown in the middle of a read
+                last = self._timed_out() if deadline.expired else f"{type(err).__name__}: {str(err)[:200]}"
+            finally:
+                deadline.cancel()
                 self.seconds += time.perf_counter() - started
-                last = f"{type(err).__name__}: {str(err)[:200]}"
             if attempt + 1 < attempts:
                 self.retried += 1
                 time.sleep(retry_after if retry_after is not None else float(self.options.backoff_s) * 2 ** attempt)
@@ -699,7 +936,7 @@ class HttpSuspect:
         else:
             try:
                 doc = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 raise SuspectError(f"{where}: answered neither .npy nor JSON (Content-Type {content_type!r}, "
                                    f"{len(data)} bytes: {_excerpt(data)!r})") from None
             if isinstance(doc, dict):
@@ -720,7 +957,7 @@ class HttpSuspect:
     def _predict_batch(self, images: np.ndarray) -> Tensor:
         n = len(images)
         try:
-            data, content_type = self._post(encode_npy(images), n)
+            data, content_type = self._post(encode_npy(images), n, self.answer_size_limit(images.shape))
         except _TooLarge as err:
             limit = _max_batch_hint(str(err))
             if limit is None or limit >= n or limit < 1:
@@ -746,12 +983,17 @@ class HttpSuspect:
         """``GET <base>/health`` of a medmark reference server (``None`` when there is none)."""
         if self._health is None:
             base = self.url.rsplit("/", 1)[0] if self.url.rstrip("/").endswith("/predict") else self.url.rstrip("/")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=min(float(self.options.timeout_s), 5.0)) as r:
-                    doc = json.loads(r.read().decode("utf-8"))
+            timeout = min(float(self.options.timeout_s), 5.0)
+            deadline = _Deadline(timeout)
+            try:  # same limits as a prediction: total deadline, size cap, no redirects, no token
+                with _opener(deadline).open(base + "/health", timeout=timeout) as response:
+                    doc = json.loads(_read_capped(response, _HEALTH_BYTES, deadline, base + "/health",
+                                                  "/health answer").decode("utf-8"))
                 self._health = doc if isinstance(doc, dict) else {}
-            except Exception:  # not every endpoint has /health: identity just lacks the model hash
+            except Exception:  # noqa: BLE001 - not every endpoint has /health: identity lacks the model hash
                 self._health = {}
+            finally:
+                deadline.cancel()
         return self._health or None
 
     def identity(self) -> dict[str, Any]:
