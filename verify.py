@@ -4,42 +4,121 @@
     python verify.py ... attack=prune attack.amount=0.3                               # robustness
 
 The secret's ``method`` field picks the protocol (``utils/verification.PROTOCOLS``); each
-writes ``<out>/report.json``, ``<out>/report.md`` and figures. Exit codes: 0 ownership
-verified, 1 not verified, 2 bad input or error (the message names the file or field).
-Secrets (payloads, keys) are never printed.
+writes ``<out>/report.json``, ``<out>/report.md`` and figures. Exit codes:
+
+* 0 ownership verified, 1 not verified -- at the thresholds sealed in the owner kit;
+* 2 bad input or any error: a Hydra config error (unknown key, bad override syntax), a missing
+  ``secret=``/``suspect=``/``out=``, a bad file, an exception raised by the suspect, non-finite
+  suspect outputs (the message names the file or field); nothing but the log is left in ``out=``;
+* 3 exploratory: a decision threshold (α, τ, response margin, min_decoded) was changed from its
+  sealed value -- the report carries a banner naming each one and is no verdict.
+
+Reports and figures are written into a temporary sibling folder of ``out=`` and moved into it only
+when the protocol reaches a verdict (0, 1 or 3). Secrets (payloads, keys) are never printed.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import utils.resolvers  # noqa: F401  (registers ${len:...})
 from datamodules.samples import DatasetError
 from lightning_modules.suspect import SuspectError
-from utils.verification import EXIT_BAD_INPUT, BadInput, run_protocol
+from utils.verification import (
+    EXIT_BAD_INPUT,
+    EXIT_EXPLORATORY,
+    EXIT_NOT_VERIFIED,
+    EXIT_VERIFIED,
+    BadInput,
+    make_stage,
+    publish_stage,
+    run_protocol,
+)
 from watermark.owner_kit import OwnerKitError
 
 log = logging.getLogger("medmark")
 
+# Errors whose message already names the file or field at fault; anything else is reported with
+# its type (and the suspect file, where one was given).
+NAMED_ERRORS = (OwnerKitError, SuspectError, BadInput, DatasetError, FileNotFoundError)
+VERDICT_CODES = (EXIT_VERIFIED, EXIT_NOT_VERIFIED, EXIT_EXPLORATORY)
+
+# exit code of the task function, read by cli() after Hydra returns (Hydra itself exits 1 on
+# its own errors -- the "not verified" code -- so its exits are mapped to 2 when no task ran)
+_RESULT: dict[str, int] = {}
+
+
+def verify(cfg: DictConfig) -> int:
+    """Run the secret's protocol with staged output; returns the exit code (never raises)."""
+    stage = None
+    try:
+        OmegaConf.resolve(cfg)
+        if cfg.get("out"):
+            stage = make_stage(cfg.out)
+            with open_dict(cfg):
+                cfg.stage_dir = str(stage)
+        code = run_protocol(cfg)
+        if code in VERDICT_CODES and stage is not None:
+            publish_stage(stage, Path(cfg.out))
+        elif code not in VERDICT_CODES:
+            code = EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - any error is exit 2, never "not verified"
+        message = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, NAMED_ERRORS) and cfg.get("suspect"):
+            message += f" (while verifying suspect={cfg.get('suspect')})"
+        log.error("%s", message)
+        log.debug("traceback", exc_info=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        code = EXIT_BAD_INPUT
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    return code
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="verify.yaml")
 def main(cfg: DictConfig) -> None:
+    _RESULT["code"] = verify(cfg)
+
+
+def missing_out(argv: list[str]) -> bool:
+    """True when the command line names no ``out=`` (Hydra's flags such as ``--help`` excepted).
+
+    Checked before Hydra starts: without ``out=`` its run folder cannot be resolved either.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return False
+    return not any(arg.lstrip("+").split("=", 1)[0] == "out" and arg.split("=", 1)[1:] not in ([""], ["null"])
+                   for arg in argv if "=" in arg)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python verify.py ...``: the exit code (Hydra's own errors -> 2; ``--help``/``--cfg`` -> 0)."""
+    if missing_out(sys.argv[1:] if argv is None else argv):
+        print("error: out= is required: the report folder (e.g. out=reports/suspect1); exit code 2",
+              file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     try:
-        OmegaConf.resolve(cfg)
-        code = run_protocol(cfg)
-    except (OwnerKitError, SuspectError, BadInput, DatasetError, FileNotFoundError, ValueError,
-            OmegaConfBaseException, InstantiationException) as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {exc}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
-    sys.exit(code)
+        main()
+    except SystemExit as exc:
+        if "code" in _RESULT:
+            return _RESULT["code"]
+        if exc.code in (0, None):
+            return 0
+        print("error: the command line or configuration is invalid (Hydra's message above names the key); "
+              "exit code 2", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - e.g. HYDRA_FULL_ERROR=1 lets Hydra's errors through
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return _RESULT.get("code", 0)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

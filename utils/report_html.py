@@ -250,7 +250,27 @@ def _verdict(report: Mapping[str, Any]) -> tuple[str, str, str]:
     if "alpha" not in report and isinstance(thresholds, Mapping) and "alpha" in thresholds:
         parts.append(f"α = {_fmt(thresholds['alpha'])}")
     summary = ", ".join(parts)
+    if report.get("exploratory"):  # thresholds changed from the owner kit's sealed values: no verdict
+        return "EXPLORATORY", "exploratory", summary
     return ("VERIFIED", "verified", summary) if verified else ("NOT VERIFIED", "not-verified", summary)
+
+
+def threshold_notes(report: Mapping[str, Any]) -> list[str]:
+    """HTML paragraphs: the exploratory banner naming each changed threshold, stricter thresholds."""
+    notes = []
+    changed = report.get("changed_thresholds") or {}
+    if report.get("exploratory") or changed:
+        items = "".join(f"<li><code>{_e(name)}</code>: sealed {_e(_fmt(c.get('sealed')))} &rarr; used "
+                        f"{_e(_fmt(c.get('used')))}</li>" for name, c in changed.items() if isinstance(c, Mapping))
+        notes.append('<div class="banner" id="exploratory"><strong>EXPLORATORY</strong> &mdash; decision '
+                     "thresholds were changed from the values sealed in the owner kit; this report is not an "
+                     f"ownership verdict (exit code 3).<ul>{items}</ul></div>")
+    stricter = report.get("stricter_thresholds") or {}
+    if stricter:
+        items = ", ".join(f"{_e(name)} {_e(_fmt(c.get('sealed')))} (sealed) &rarr; {_e(_fmt(c.get('used')))}"
+                          for name, c in stricter.items() if isinstance(c, Mapping))
+        notes.append(f'<p class="note">Stricter than sealed (the verdict stays binding): {items}</p>')
+    return notes
 
 
 _STYLE = """
@@ -261,6 +281,7 @@ h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #dde;padding-bottom
 .verdict{font-size:2.6em;font-weight:800;padding:.35em .6em;border-radius:.25em;color:#fff;display:inline-block;
 letter-spacing:.03em}
 .verified{background:#1b7f3b}.not-verified{background:#b3261e}.neutral{background:#49557a}
+.exploratory{background:#a15c00}.banner{border:3px solid #a15c00;background:#fff4e0;padding:.6em 1em;margin:.8em 0}
 .summary{font-size:1.1em;margin:.6em 0 0}
 table{border-collapse:collapse;margin:.5em 0;font-size:.92em}
 td,th{border:1px solid #d4d8e4;padding:.25em .6em;text-align:left;vertical-align:top}
@@ -276,6 +297,7 @@ def render_html(report: Mapping[str, Any], figures: Iterable[str | Path], title:
     """The page as a string (see the module docstring)."""
     word, cls, summary = _verdict(report)
     body = [f"<h1>{_e(title)}</h1>", f'<div class="verdict {cls}" id="verdict">{_e(word)}</div>']
+    body += threshold_notes(report)
     if summary:
         body.append(f'<p class="summary">{_e(summary)}</p>')
     queries = report.get("queries", (report.get("suspect") or {}).get("queries")

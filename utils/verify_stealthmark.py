@@ -5,7 +5,9 @@
     python verify.py ... attack=finetune attack.epochs=2 verify.num_samples=2000 data.root=/data/Kvasir-SEG
 
 Writes ``<out>/report.json``, ``<out>/report.md`` and ``<out>/figures/``. Exit codes: 0
-ownership verified, 1 not verified, 2 bad input (the message names the file or field).
+ownership verified, 1 not verified (at the thresholds sealed in secret.json), 2 bad input (the
+message names the file or field), 3 exploratory (``verify.alpha`` raised, ``verify.response_margin``
+or ``verify.min_decoded`` changed from the sealed value: a banner names each, no verdict).
 The payload is never printed: stdout says whether it was decoded, the report holds the text.
 """
 
@@ -23,12 +25,15 @@ from lightning_modules.adapters import open_suspect, suspect_label, suspect_reco
 from utils.attacks import apply_attack
 from utils.report_html import write_html_report
 from utils.verification import (
-    EXIT_NOT_VERIFIED,
-    EXIT_VERIFIED,
     BadInput,
+    apply_threshold_overrides,
     data_config,
+    exploratory_banner,
+    markdown_threshold_lines,
+    output_dirs,
     require,
     resolve_device,
+    staged_path,
 )
 from watermark.owner_kit import read_secret, secret_sha256
 from watermark.verify_stealthmark import CountingPredictor, null_grids, verify_stealthmark
@@ -67,10 +72,14 @@ def verification_images(
 def render_markdown(report: dict) -> str:
     """A human-readable report.md."""
     verdict = "**VERIFIED** — the suspect carries the owner's mark" if report["verified"] else "**NOT VERIFIED**"
+    if report.get("exploratory"):
+        verdict = ("**EXPLORATORY** — no ownership verdict; at the changed thresholds the rule "
+                   f"{'passes' if report['passes_at_used_thresholds'] else 'fails'}")
     ch, resp, qrc, th = report["channels"], report["response"], report["qr"], report["thresholds"]
     lines = [
         "# StealthMark ownership verification",
         "",
+        *markdown_threshold_lines(report),
         f"Verdict: {verdict} (p = {report['p_value']:.3g}, α = {th['alpha']:g}).",
         "",
         f"- suspect: `{suspect_label(report['suspect'])}`",
@@ -126,12 +135,19 @@ def run(cfg: DictConfig) -> int:
     """StealthMark verification of ``cfg.suspect`` against ``cfg.secret``; returns the exit code."""
     require(cfg, "suspect", "out")
     started = time.time()
-    out = Path(cfg.out)
+    out, stage = output_dirs(cfg)
     doc, key = read_secret(cfg.secret)
-    thresholds = dict(doc["thresholds"])
-    for name in ("alpha", "response_margin", "min_decoded"):
-        if cfg.verify.get(name) is not None:
-            thresholds[name] = cfg.verify[name]
+    # the verdict uses the thresholds sealed in secret.json; a verify-time change other than a
+    # smaller α makes the run exploratory (exit 3, banner), never a verdict
+    rules = apply_threshold_overrides(
+        doc["thresholds"], {n: cfg.verify.get(n) for n in ("alpha", "response_margin", "min_decoded")}, cfg.secret)
+    thresholds = rules.used
+    if not 0.0 < float(thresholds["alpha"]) <= 1.0:
+        raise BadInput(f"verify.alpha must be in (0, 1], got {thresholds['alpha']}")
+    if float(thresholds["response_margin"]) < 0:
+        raise BadInput(f"verify.response_margin must be >= 0, got {thresholds['response_margin']}")
+    if float(thresholds["min_decoded"]) < 0 or not float(thresholds["min_decoded"]).is_integer():
+        raise BadInput(f"verify.min_decoded must be an integer >= 0, got {thresholds['min_decoded']}")
     datamodule = instantiate(data_config(doc["verification"]["data"], cfg.data, cfg.secret))
     images, masks, ids = verification_images(datamodule, doc, cfg, cfg.secret)
     device = resolve_device(cfg.device)
@@ -142,18 +158,24 @@ def run(cfg: DictConfig) -> int:
     suspect, attack = apply_attack(cfg.attack, suspect, datamodule, "segmentation")
     nulls = null_grids(key.qr_version, key.error_correction, int(cfg.verify.null_k), int(cfg.verify.null_seed),
                        cfg.verify.cache_dir)
-    predictor = CountingPredictor(suspect.predict, batch_size=int(cfg.verify.batch_size))
+    predictor = CountingPredictor(suspect.predict, batch_size=int(cfg.verify.batch_size), source=str(cfg.suspect))
     result = verify_stealthmark(
         predictor, key, images, ids, thresholds, masks=masks,
         num_lime_images=int(cfg.verify.num_lime_images), num_samples=int(cfg.verify.num_samples),
         batch_size=int(cfg.verify.batch_size), lime_seed=int(cfg.verify.lime_seed),
         qr_evidence=str(cfg.verify.qr_evidence), lime_target=str(cfg.verify.lime_target),
-        lime_surrogate=str(cfg.verify.lime_surrogate), nulls=nulls, figures_dir=out / "figures",
+        lime_surrogate=str(cfg.verify.lime_surrogate), nulls=nulls, figures_dir=stage / "figures",
         num_figures=int(cfg.verify.num_figures),
     )
     result.pop("_arrays")
+    staged_figures = list(result["figures"])
     report = {
         **result,
+        # binding verdict only at the sealed thresholds (or a stricter α)
+        "verified": bool(result["verified"] and not rules.exploratory),
+        "passes_at_used_thresholds": bool(result["verified"]),
+        **rules.record(),
+        "figures": [staged_path(f, stage, out) for f in staged_figures],
         "suspect": suspect_record(suspect),
         "secret": str(cfg.secret),
         "secret_sha256": secret_sha256(doc),
@@ -165,15 +187,18 @@ def run(cfg: DictConfig) -> int:
                    "data_overrides": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
                                       if v is not None}},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
-    write_html_report(out, report, report["figures"], "StealthMark ownership verification", redact=[key.payload])
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (stage / "report.md").write_text(render_markdown(report))
+    write_html_report(stage, report, staged_figures, "StealthMark ownership verification", redact=[key.payload])
     verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
+    if rules.exploratory:
+        print(exploratory_banner(report), flush=True)
+        verdict = f"EXPLORATORY (the rule {'passes' if result['verified'] else 'fails'} at the changed thresholds)"
     n_dec = sum(d["matches"] for d in report["decoded"])
     print(f"{verdict}: p={report['p_value']:.3g} (response p={report['response_p_value']:.3g}, "
           f"QR p={report['qr_p_value']:.3g}); payload decoded on {n_dec}/{len(report['decoded'])} images "
           f"(ASR {report['asr']:.2f}), bit accuracy {report['bit_accuracy']:.3f}; mask agreement "
           f"{report['task']['mask_agreement']:.4f}; {report['queries']} queries, {report['seconds']:.0f} s", flush=True)
     print(f"report: {out / 'report.json'}", flush=True)
-    return EXIT_VERIFIED if report["verified"] else EXIT_NOT_VERIFIED
+    return rules.exit_code(report["verified"])

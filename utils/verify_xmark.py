@@ -16,7 +16,11 @@ model also "verifies", the mark is an adversarial perturbation, not evidence.
 
 Writes ``<out>/report.json`` (``method, verified, p_value, delta_p, wsr, m, tau, alpha,
 queries`` + details), ``<out>/report.md`` and ``<out>/figures/`` (paired probability plot,
-x vs x_w). Exit codes: 0 verified, 1 not verified, 2 bad input (file/field named).
+x vs x_w). Exit codes: 0 verified, 1 not verified (at the τ and α sealed in the secret; a smaller
+α stays binding), 2 bad input (file/field named), 3 exploratory (``verify.tau`` or a larger
+``verify.alpha``: banner, no verdict). The controls are re-tested at the τ/α used -- sealed or
+exploratory -- from the per-image probabilities the kit stores (``control.<name>.p_benign``,
+``p_marked``, ``pred_marked``); a kit without them keeps its release-time control verdicts.
 """
 
 from __future__ import annotations
@@ -41,9 +45,19 @@ from lightning_modules.suspect import CheckpointSuspect  # noqa: E402
 from lightning_modules.xmark import XMarkMarker, marker_sha256, quantise, query_pairs  # noqa: E402
 from utils.report_html import write_html_report  # noqa: E402
 from utils.attacks import apply_attack  # noqa: E402
-from utils.verification import EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, data_config, require, resolve_device  # noqa: E402
+from utils.verification import (  # noqa: E402
+    BadInput,
+    apply_threshold_overrides,
+    data_config,
+    exploratory_banner,
+    markdown_threshold_lines,
+    output_dirs,
+    require,
+    resolve_device,
+    staged_path,
+)
 from watermark.xmark_kit import marker_path, read_xmark_secret, secret_sha256  # noqa: E402
-from watermark.xmark_stats import xmark_test  # noqa: E402
+from watermark.xmark_stats import retest_controls, xmark_test  # noqa: E402
 
 
 def verification_images(datamodule, doc: dict, split: str, m: int | None, secret_path: str
@@ -135,11 +149,19 @@ def examples_figure(images: torch.Tensor, marked: torch.Tensor, p_b: np.ndarray,
     return fig
 
 
+def _num(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
 def render_markdown(report: dict) -> str:
     verdict = "**VERIFIED** — the suspect was trained on the marked data" if report["verified"] else "**NOT VERIFIED**"
+    if report.get("exploratory"):
+        verdict = ("**EXPLORATORY** — no ownership verdict; at the changed thresholds the rule "
+                   f"{'passes' if report['passes_at_used_thresholds'] else 'fails'}")
     lines = [
         "# X-Mark dataset ownership verification",
         "",
+        *markdown_threshold_lines(report),
         f"Verdict: {verdict} (p = {report['p_value']:.3g}, α = {report['alpha']:g}, τ = {report['tau']:g}).",
         "",
         f"- suspect: `{suspect_label(report['suspect'])}`",
@@ -162,10 +184,16 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| benign balanced accuracy ({report['benign_split']}) | {report['benign_accuracy']:.4f} |")
     lines += ["", "## Control: the owner's clean reference models (recorded at release)", ""]
     if report["control"]:
-        lines += ["| model | ΔP | p | WSR | verified |", "|---|---|---|---|---|"]
+        lines += ["| model | ΔP | p | WSR | passes (blocks the verdict) | re-tested at this τ/α |",
+                  "|---|---|---|---|---|---|"]
         for name, c in report["control"].items():
-            lines.append(f"| {name} | {c['delta_p']:.4f} | {c['p_value']:.3g} | {c['wsr']:.3f} | {c['verified']} |")
+            lines.append(f"| {name} | {_num(c.get('delta_p'), '.4f')} | {_num(c.get('p_value'), '.3g')} | "
+                         f"{_num(c.get('wsr'), '.3f')} | {c['verified']} | "
+                         f"{'yes' if c.get('retested') else 'no (release-time record)'} |")
         lines += ["", "A verdict needs the suspect's test to pass and every control to fail."]
+        if not all(c.get("retested") for c in report["control"].values()):
+            lines += ["Controls marked 'no' were tested at release only (τ, α sealed then): the owner kit stores "
+                      "no per-image probabilities to re-test them at this τ/α."]
     else:
         lines.append("None recorded in the secret.")
     lines += ["", "## How to read this", "",
@@ -181,11 +209,12 @@ def run(cfg: DictConfig) -> int:
     """X-Mark verification of ``cfg.suspect`` against ``cfg.secret``; returns the exit code."""
     require(cfg, "suspect", "out")
     started = time.time()
-    out = Path(cfg.out)
+    out, stage = output_dirs(cfg)
     doc = read_xmark_secret(cfg.secret)
     v = cfg.verify
-    tau = float(v.tau) if v.get("tau") is not None else float(doc["thresholds"]["tau"])
-    alpha = float(v.alpha) if v.get("alpha") is not None else float(doc["thresholds"]["alpha"])
+    # the verdict uses τ and α sealed in secret.json; a changed τ or a larger α is exploratory
+    rules = apply_threshold_overrides(doc["thresholds"], {"tau": v.get("tau"), "alpha": v.get("alpha")}, cfg.secret)
+    tau, alpha = float(rules.used["tau"]), float(rules.used["alpha"])
     if not 0.0 <= tau < 1.0:
         raise BadInput(f"verify.tau must be in [0, 1), got {tau}")
     if not 0.0 < alpha < 1.0:
@@ -230,6 +259,10 @@ def run(cfg: DictConfig) -> int:
     # removal attack before verification (utils/attacks.py): the pairs, BA and report see the attacked suspect
     suspect, attack = apply_attack(cfg.attack, suspect, datamodule, "classification")
     pairs = query_pairs(suspect.predict, clean_q, marked_q, target, batch_size=int(v.batch_size))
+    for name in ("p_benign", "p_marked"):
+        if not np.all(np.isfinite(pairs[name])):
+            raise BadInput(f"{cfg.suspect}: the suspect returned non-finite probabilities (NaN/inf) for "
+                           f"{int((~np.isfinite(pairs[name])).sum())} of {len(pairs[name])} images ({name})")
     result = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
 
     benign = None
@@ -240,12 +273,17 @@ def run(cfg: DictConfig) -> int:
             datamodule.setup()
         benign = benign_accuracy(suspect, datamodule, split, int(v.batch_size))
 
-    control = doc.get("control") or {}
-    control_fails = all(not c.get("verified", False) for c in control.values())
-    verified = bool(result["verified"] and control_fails)
+    # the owner's clean controls at this τ/α (re-tested from stored per-image probabilities)
+    try:
+        control = retest_controls(doc.get("control") or {}, tau, alpha, target)
+    except ValueError as err:
+        raise BadInput(f"{cfg.secret}: field '{err}'") from None
+    control_fails = all(not c["verified"] for c in control.values())
+    passes = bool(result["verified"] and control_fails)
+    verified = passes and not rules.exploratory
 
     figures: list[str] = []
-    figures_dir = out / "figures"
+    figures_dir = stage / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     fig = paired_figure(pairs["p_benign"], pairs["p_marked"], tau,
                         f"ΔP={result['delta_p']:.3f}, p={result['p_value']:.3g}, WSR={result['wsr']:.2f} (m={len(ids)})")
@@ -263,6 +301,8 @@ def run(cfg: DictConfig) -> int:
         "method": "xmark",
         "attack": attack,
         "verified": verified,
+        "passes_at_used_thresholds": passes,
+        **rules.record(),
         "p_value": result["p_value"],
         "delta_p": result["delta_p"],
         "wsr": result["wsr"],
@@ -288,18 +328,22 @@ def run(cfg: DictConfig) -> int:
         "ids": ids,
         "p_benign": pairs["p_benign"].tolist(),
         "p_marked": pairs["p_marked"].tolist(),
-        "figures": figures,
+        "figures": [staged_path(f, stage, out) for f in figures],
         "seconds": round(time.time() - started, 3),
         "config": {"verify": OmegaConf.to_container(v, resolve=True), "device": resolve_device(cfg.device),
                    "data_overrides": {k: val for k, val in overrides.items() if val is not None}},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
-    write_html_report(out, report, figures, "X-Mark dataset ownership verification")
-    why = "" if verified or not result["verified"] else " (a clean control model also passes: no evidence)"
-    print(f"{'VERIFIED' if verified else 'NOT VERIFIED'}{why}: p={result['p_value']:.3g}, ΔP={result['delta_p']:.3f}, "
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (stage / "report.md").write_text(render_markdown(report))
+    write_html_report(stage, report, figures, "X-Mark dataset ownership verification")
+    why = "" if passes or not result["verified"] else " (a clean control model also passes: no evidence)"
+    word = "VERIFIED" if verified else "NOT VERIFIED"
+    if rules.exploratory:
+        print(exploratory_banner(report), flush=True)
+        word = f"EXPLORATORY (the rule {'passes' if passes else 'fails'} at the changed thresholds)"
+    print(f"{word}{why}: p={result['p_value']:.3g}, ΔP={result['delta_p']:.3f}, "
           f"WSR={result['wsr']:.2f}, m={len(ids)}, τ={tau:g}, α={alpha:g}; {suspect.queries} queries, "
           f"{report['seconds']:.1f} s", flush=True)
     print(f"report: {out / 'report.json'}", flush=True)
-    return EXIT_VERIFIED if verified else EXIT_NOT_VERIFIED
+    return rules.exit_code(verified)

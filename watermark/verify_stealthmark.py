@@ -58,16 +58,22 @@ PredictFn = Callable[[torch.Tensor], torch.Tensor]
 QR_EVIDENCE = ("lime", "readout")
 
 
+class NonFiniteOutput(ValueError):
+    """The suspect answered with NaN/inf or values outside [0, 1]; the message names the suspect."""
+
+
 class CountingPredictor:
     """Wraps ``predict`` to count queries: ``queries`` images sent, ``calls`` batches.
 
     Also splits large inputs into batches of ``batch_size`` (a deployed API's limit) and
-    returns probabilities on the CPU as float32.
+    returns probabilities on the CPU as float32. Answers that are not finite probabilities
+    in [0, 1] raise :class:`NonFiniteOutput` naming ``source`` (the suspect's file or URL).
     """
 
-    def __init__(self, predict: PredictFn, batch_size: int = 64):
+    def __init__(self, predict: PredictFn, batch_size: int = 64, source: str | None = None):
         self.predict_fn = predict
         self.batch_size = int(batch_size)
+        self.source = source or "the suspect"
         self.queries = 0
         self.calls = 0
 
@@ -78,8 +84,15 @@ class CountingPredictor:
             with torch.no_grad():
                 probs = torch.as_tensor(self.predict_fn(chunk)).detach().float().cpu()
             if probs.dim() != 4 or probs.shape[0] != len(chunk) or probs.shape[1] != 1:
-                raise ValueError(f"suspect returned shape {tuple(probs.shape)} for {len(chunk)} images; "
+                raise ValueError(f"{self.source}: returned shape {tuple(probs.shape)} for {len(chunk)} images; "
                                  "a segmentation suspect must return B×1×H×W probabilities")
+            if not bool(torch.isfinite(probs).all()):
+                bad = int((~torch.isfinite(probs)).flatten(1).any(1).sum())
+                raise NonFiniteOutput(f"{self.source}: returned non-finite probabilities (NaN/inf) for {bad} of "
+                                      f"{len(chunk)} images")
+            if probs.numel() and (float(probs.min()) < 0.0 or float(probs.max()) > 1.0):
+                raise NonFiniteOutput(f"{self.source}: returned values outside [0, 1] (min {float(probs.min()):.3g}, "
+                                      f"max {float(probs.max()):.3g}); a suspect must return probabilities")
             self.queries += len(chunk)
             self.calls += 1
             outs.append(probs)
@@ -203,7 +216,9 @@ def verify_stealthmark(
         key: the owner's key (payload, QR version/level, grid, trigger, hide value).
         images: ``N×C×H×W`` clean verification images in [0, 1], ``H = key.image_size``.
         ids: their N ids (reported with each decode).
-        thresholds: ``alpha``, ``response_margin``, ``min_decoded``.
+        thresholds: ``alpha``, ``response_margin``, ``min_decoded`` -- the owner kit's sealed
+            values for a binding verdict (``utils.verification.apply_threshold_overrides`` says
+            whether verify-time overrides leave it binding).
         masks: optional ``N×1×H×W`` ground truth, for Dice on clean/triggered inputs.
         num_lime_images: images explained with LIME (the first ones); 0 with ``qr_evidence="lime"``
             is an error.

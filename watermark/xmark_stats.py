@@ -17,7 +17,8 @@ adversarial side effect on an independent model is not evidence of ownership.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,3 +86,60 @@ def xmark_test(
         "tau": float(tau),
         "alpha": float(alpha),
     }
+
+
+# Per-image fields of a control record (owner kit ``control.<name>``) that let verify re-test the
+# control at any τ/α: P_b, P_w (shape m, in [0, 1]) and the predicted class on each x_w.
+CONTROL_PER_IMAGE = ("p_benign", "p_marked", "pred_marked")
+
+
+def retest_controls(
+    control: Mapping[str, Mapping[str, Any]], tau: float, alpha: float, target_class: int
+) -> dict[str, dict[str, Any]]:
+    """The owner's clean controls at the thresholds a verification uses.
+
+    Args:
+        control: the owner kit's ``control`` section: ``{name: record}``; a record holds the
+            release-time result (``p_value, delta_p, wsr, verified``) and, in kits written since
+            the per-image fields were added, ``p_benign``/``p_marked`` (shape m, in [0, 1]) and
+            ``pred_marked`` (shape m, class indices).
+        tau, alpha: the thresholds of this verification (sealed or exploratory).
+        target_class: y_t (for the WSR from ``pred_marked``).
+
+    Returns:
+        ``{name: {"p_value", "delta_p", "wsr", "verified", "recorded_verified", "retested",
+        "tau", "alpha"}}``. With per-image numbers the control is re-tested with
+        :func:`xmark_test` at ``tau``/``alpha`` (``retested: True``); without them (old kits) the
+        release-time record is kept (``retested: False``). ``verified`` -- the control *blocks*
+        the verdict -- is the re-test's result OR the release-time ``verified`` flag
+        (conservative: a control that ever passed blocks).
+
+    Raises:
+        ValueError: a malformed per-image field (message names ``control.<name>.<field>``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, record in control.items():
+        if not isinstance(record, Mapping):
+            raise ValueError(f"control.{name} must be an object, got {type(record).__name__}")
+        recorded = bool(record.get("verified", False))
+        entry: dict[str, Any] = {"p_value": record.get("p_value"), "delta_p": record.get("delta_p"),
+                                 "wsr": record.get("wsr"), "recorded_verified": recorded, "retested": False,
+                                 "tau": record.get("tau"), "alpha": record.get("alpha")}
+        if record.get("p_benign") is not None and record.get("p_marked") is not None:
+            for field in CONTROL_PER_IMAGE:
+                values = record.get(field)
+                if values is not None and (not isinstance(values, (list, tuple)) or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                    raise ValueError(f"control.{name}.{field} must be a list of numbers")
+            try:
+                result = xmark_test(record["p_benign"], record["p_marked"], tau, alpha,
+                                    record.get("pred_marked"), target_class if record.get("pred_marked") else None)
+            except ValueError as err:
+                raise ValueError(f"control.{name}: {err}") from None
+            if result["wsr"] is None:
+                result["wsr"] = record.get("wsr")
+            entry.update({k: result[k] for k in ("p_value", "delta_p", "wsr", "tau", "alpha")},
+                         retested=True, retest_verified=result["verified"])
+        entry["verified"] = bool(recorded or entry.get("retest_verified", False))
+        out[name] = entry
+    return out
