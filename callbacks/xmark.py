@@ -58,7 +58,7 @@ from watermark.xmark_kit import (  # noqa: E402
     write_xmark_certificate,
     write_xmark_secret,
 )
-from watermark.xmark_stats import xmark_test  # noqa: E402
+from watermark.xmark_stats import CONTROL_PER_IMAGE, xmark_test  # noqa: E402
 
 log = logging.getLogger("medmark.xmark")
 
@@ -289,6 +289,8 @@ class XMarkRelease(Callback):
         for name, model in controls:
             pairs = query_pairs(lambda x, model=model: torch.softmax(model(x), 1), images, marked, target)
             control[name] = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
+            # per-image numbers: verify.py re-tests the control at any τ/α (sealed or exploratory)
+            control[name].update({field: np.asarray(pairs[field]).tolist() for field in CONTROL_PER_IMAGE})
         proxy = copy.deepcopy(pl_module.model).cpu().eval()
         pairs = query_pairs(lambda x: torch.softmax(proxy(x), 1), images, marked, target)
         proxy_result = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)

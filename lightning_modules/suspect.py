@@ -106,8 +106,12 @@ class CheckpointSuspect:
         self.model.eval()
         if self.task == "classification":
             logits = self.model(images.to(self.device, torch.float32))
-            self.queries += int(images.shape[0])
-            return torch.softmax(logits.float(), dim=1).cpu()
-        logits = self.model(images.to(self.device, torch.float32), None)
+        else:
+            logits = self.model(images.to(self.device, torch.float32), None)
         self.queries += int(images.shape[0])
+        if not bool(torch.isfinite(logits).all()):  # NaN/inf is bad input (exit 2), never evidence
+            raise SuspectError(f"{self.path}: the model returned non-finite logits (NaN/inf) for "
+                               f"{int(images.shape[0])} images")
+        if self.task == "classification":
+            return torch.softmax(logits.float(), dim=1).cpu()
         return torch.sigmoid(logits.float()).cpu()
