@@ -157,6 +157,8 @@ def test_stricter_alpha_and_equal_overrides_stay_binding(kit):
     assert report["verified"] and not report["exploratory"] and report["changed_thresholds"] == {}
     assert report["stricter_thresholds"] == {"alpha": {"sealed": 1e-3, "used": 1e-4}}
     assert report["thresholds"]["alpha"] == 1e-4 and "Stricter than sealed" in (out / "report.md").read_text()
+    figures = [Path(f) for f in report["figures"]]  # published from the staging folder, paths rewritten
+    assert figures and all(f.is_file() and f.parent == out / "figures" for f in figures)
 
     out = kit["base"] / "clean_strict"
     proc = verify(kit, kit["clean"], out, "verify.alpha=1e-4")
