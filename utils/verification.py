@@ -95,9 +95,29 @@ def data_config(secret_data: dict, overrides: DictConfig, secret_path: str, fiel
     for name, value in OmegaConf.to_container(overrides, resolve=True).items():
         if value is not None:
             config[name] = value
-    if not str(config.get("_target_", "")).startswith("datamodules."):
-        raise BadInput(f"{secret_path}: field '{field}._target_' must name a medmark data module")
+    if config.get("_target_") not in DATA_MODULES:
+        raise BadInput(f"{secret_path}: field '{field}._target_' must be one of {sorted(DATA_MODULES)}")
+    _refuse_nested_targets(config, secret_path, field, top=True)
     return config
+
+
+# The data modules a secret may name. The secret is the owner's file, but it travels (copied,
+# e-mailed, restored from backups): its data config is rebuilt like any stored config, from an
+# exact name, never from a dotted path that Hydra would import.
+DATA_MODULES = frozenset({"datamodules.MedicalImageDataModule", "datamodules.base.MedicalImageDataModule"})
+_HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
+
+
+def _refuse_nested_targets(node: Any, secret_path: str, where: str, top: bool = False) -> None:
+    """Raise :class:`BadInput` naming the key path of any Hydra key below the top level."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _HYDRA_KEYS and not (top and key == "_target_"):
+                raise BadInput(f"{secret_path}: field '{where}.{key}' is not allowed (a stored config is data)")
+            _refuse_nested_targets(value, secret_path, f"{where}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            _refuse_nested_targets(value, secret_path, f"{where}[{index}]")
 
 
 def resolve_device(device: str) -> str:
