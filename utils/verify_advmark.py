@@ -38,7 +38,8 @@ from omegaconf import DictConfig
 from lightning_modules.adapters import open_suspect, suspect_label, suspect_record
 from lightning_modules.advmark import ClassifierLoadError, from_uint8_hwc
 from utils.report_html import certificate_check, write_html_report
-from utils.verification import EXIT_BAD_INPUT, EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, require, resolve_device
+from utils.verification import (EXIT_BAD_INPUT, EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, output_dirs, require,
+                                resolve_device)
 from watermark.certificates import (
     CertificateFormatError,
     load_certificate,
@@ -170,11 +171,12 @@ def check_certificates(cfg: DictConfig, doc: dict) -> int:
              f"- signature (Ed25519, owner {cert.get('owner_id')!r}): {'valid' if signature_ok else 'INVALID'}",
              f"- re-rendered bit for bit: {passed}/{len(rows)} images", ""]
     lines += [f"- {r['id']}: {r.get('reason')}" for r in rows if not r["rerender"]]
-    _write_report(Path(cfg.out), report, "MedLocker / MIAD-MARK certificate check", lines)
-    write_html_report(Path(cfg.out), report, [], "MedLocker / MIAD-MARK certificate check",
+    out, stage = output_dirs(cfg)  # staged: nothing partial in out= on an error
+    _write_report(stage, report, "MedLocker / MIAD-MARK certificate check", lines)
+    write_html_report(stage, report, [], "MedLocker / MIAD-MARK certificate check",
                       certificate=certificate_check(cfg.secret))
     print(f"{'VERIFIED' if verified else 'NOT VERIFIED'}: signature {'valid' if signature_ok else 'INVALID'}, "
-          f"{passed}/{len(rows)} images re-render bit for bit; report: {Path(cfg.out) / 'report.json'}", flush=True)
+          f"{passed}/{len(rows)} images re-render bit for bit; report: {out / 'report.json'}", flush=True)
     return EXIT_VERIFIED if verified else EXIT_NOT_VERIFIED
 
 
@@ -324,11 +326,12 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
               "seconds": round(time.time() - started, 2)}
     lines = [f"Suspect `{suspect_label(report['suspect'])}` ({report['suspect_backbone']}), {len(ids)} images", "",
              "| images | accuracy |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in accuracy.items()]
-    _write_report(Path(cfg.out), report, "Accuracy on original vs protected images", lines)
-    write_html_report(Path(cfg.out), report, [], "MedLocker / MIAD-MARK: accuracy on original vs protected images",
+    out, stage = output_dirs(cfg)  # staged: nothing partial in out= on an error
+    _write_report(stage, report, "Accuracy on original vs protected images", lines)
+    write_html_report(stage, report, [], "MedLocker / MIAD-MARK: accuracy on original vs protected images",
                       certificate=certificate_check(cfg.secret))
     print("accuracy: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()) +
-          f" ({len(ids)} images); report: {Path(cfg.out) / 'report.json'}", flush=True)
+          f" ({len(ids)} images); report: {out / 'report.json'}", flush=True)
     return EXIT_VERIFIED
 
 

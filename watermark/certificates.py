@@ -414,12 +414,22 @@ def save_certificate(path: str | os.PathLike, cert: dict) -> Path:
     return atomic_write(path, (json.dumps(cert, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"), 0o644)
 
 
+MAX_CERTIFICATE_BYTES = 64 << 20  # 64 MiB: far above a 100k-image certificate file
+
+
 def load_certificate(path: str | os.PathLike) -> dict:
     """Read a certificate JSON file; a file that is not JSON raises CertificateFormatError naming it."""
+    path = Path(path)
+    # certificates are published and pass through the accused party: bound what is read
+    if path.stat().st_size > MAX_CERTIFICATE_BYTES:
+        raise CertificateFormatError(f"{path} is larger than {MAX_CERTIFICATE_BYTES} bytes; refusing to read it")
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CertificateFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise CertificateFormatError(f"{path}: a certificate is a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 # --------------------------------------------------------------------------- rerender

@@ -37,3 +37,21 @@ def test_outer_target_must_be_an_exact_data_module(target):
 def test_nested_hydra_keys_are_refused_and_named(payload, where):
     with pytest.raises(BadInput, match=where):
         data_config(stored(**payload), NO_OVERRIDES, "kit/secret.json")
+
+
+def test_published_certificate_file_is_bounded_and_must_be_an_object(tmp_path, monkeypatch):
+    from watermark import certificates
+
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(certificates.CertificateFormatError, match="list.json: a certificate is a JSON object"):
+        certificates.load_certificate(listed)
+    big = tmp_path / "big.json"
+    big.write_text('{"entries": []}' + " " * 64)
+    monkeypatch.setattr(certificates, "MAX_CERTIFICATE_BYTES", 32)
+    with pytest.raises(certificates.CertificateFormatError, match="big.json is larger than 32 bytes"):
+        certificates.load_certificate(big)
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b'{"entries": [\xff')
+    with pytest.raises(certificates.CertificateFormatError, match="broken.json is not valid JSON"):
+        certificates.load_certificate(broken)
