@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import utils.resolvers  # noqa: F401  (registers ${len:...})
 from datamodules.samples import DatasetError
-from lightning_modules.suspect import SuspectError
-from utils.verification import (
+from verification.suspect import SuspectError
+from verification.protocols import (
     EXIT_BAD_INPUT,
     EXIT_EXPLORATORY,
     EXIT_NOT_VERIFIED,
@@ -40,7 +40,7 @@ from utils.verification import (
     publish_stage,
     run_protocol,
 )
-from watermark.owner_kit import OwnerKitError
+from watermark.stealthmark.kit import OwnerKitError
 
 log = logging.getLogger("medmark")
 

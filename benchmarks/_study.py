@@ -2,7 +2,7 @@
 ``benchmarks/false_positives.py``): ``key=value`` arguments, in-process ``verify.py`` runs, and
 the evidence fields of a report.
 
-Each verification is the real protocol of ``verify.py`` (``utils.verification.run_protocol`` on
+Each verification is the real protocol of ``verify.py`` (``verification.protocols.run_protocol`` on
 the composed ``configs/verify.yaml``), run in-process so the stack is imported once.
 """
 
@@ -26,9 +26,9 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 import utils.resolvers  # noqa: E402,F401
 from datamodules.samples import DatasetError  # noqa: E402
-from lightning_modules.suspect import SuspectError  # noqa: E402
-from utils.verification import EXIT_BAD_INPUT, BadInput, run_protocol  # noqa: E402
-from watermark.owner_kit import OwnerKitError  # noqa: E402
+from verification.suspect import SuspectError  # noqa: E402
+from verification.protocols import EXIT_BAD_INPUT, BadInput, run_protocol  # noqa: E402
+from watermark.stealthmark.kit import OwnerKitError  # noqa: E402
 
 log = logging.getLogger("medmark.study")
 

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._study import ROOT as _ROOT, evidence, fmt, neg_log10, parse_args, run_verify  # noqa: E402
-from utils.verification import secret_method  # noqa: E402
+from verification.protocols import secret_method  # noqa: E402
 
 PRESETS = {
     "quick": {"stealthmark": ["verify.qr_evidence=readout", "verify.num_figures=0"],
@@ -127,7 +127,7 @@ def train_unmarked(data: dict, backbone: str, own_backbone: dict | None, seed: i
 
 def other_stealthmark_secrets(doc: dict, out: Path, seed: int) -> dict[str, Path]:
     """Fresh StealthMark secrets of 'another owner': other payload (+ other trigger seed)."""
-    from watermark.owner_kit import write_secret
+    from watermark.stealthmark.kit import write_secret
 
     rng = random.Random(seed)
     payload = doc["key"]["payload"]
@@ -159,7 +159,7 @@ def other_xmark_generator(doc: dict, secret_path: Path, out: Path, seed: int) ->
 
     from lightning_modules.xmark import XMarkMarker
     from models.generator import ConditionalUNetGenerator
-    from watermark.xmark_kit import marker_path
+    from watermark.xmark.kit import marker_path
 
     marker = XMarkMarker.load(marker_path(doc, secret_path))
     torch.manual_seed(seed)
@@ -289,15 +289,15 @@ def _image_margin(presented, certified) -> tuple[int, int]:
     return int((diff > 0).sum()), int(diff.max())
 
 
-def advmark_false_positives(options: dict, secret: Path, doc: dict, out: Path, verify_over: list[str]) -> int:
+def medlocker_false_positives(options: dict, secret: Path, doc: dict, out: Path, verify_over: list[str]) -> int:
     """MedLocker / MIAD-MARK: an ownership claim is a certificate verification (module docstring, part 3)."""
     import numpy as np
 
-    from callbacks.advmark import save_png, safe_name
+    from callbacks.medlocker import save_png, safe_name
     from watermark.certificates import (build_certificate, generate_owner_keys, load_certificate, save_certificate,
                                         save_private_key, save_public_key, sha256_array, sign_certificate)
-    from watermark.logo import render_protected, render_qr_logo
-    from utils.verify_advmark import _load_npz, _read_image, read_secret
+    from watermark.medlocker.logo import render_protected, render_qr_logo
+    from verification.medlocker import _load_npz, _read_image, read_secret
 
     read_secret(str(secret))
     k, seed0 = int(options["K"]), int(options["seed0"])
@@ -450,7 +450,7 @@ def advmark_false_positives(options: dict, secret: Path, doc: dict, out: Path, v
         "failed_runs": sum(s["exit_code"] == 2 for s in sets + ind_w),
     }
     (out / "false_positives.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "false_positives.md").write_text(render_advmark_markdown(result))
+    (out / "false_positives.md").write_text(render_medlocker_markdown(result))
     print(f"\nfalse positives ({doc['method']}): {set_claims}/{len(sets)} sets verified, {claims} image claims among "
           f"{len(sets) * len(entries)} images; foreign signatures accepted {forged_sigs}; smallest margin "
           f"{result['smallest_margin_pixels']} px / {result['smallest_margin_levels']} grey levels; Ind-W claims "
@@ -460,7 +460,7 @@ def advmark_false_positives(options: dict, secret: Path, doc: dict, out: Path, v
     return 0 if ok else 1
 
 
-def render_advmark_markdown(doc: dict) -> str:
+def render_medlocker_markdown(doc: dict) -> str:
     def row(s: dict) -> str:
         sig = s.get("signature_check")
         return (f"| {s['name']} | {s['kind']} | {s['exit_code']} | {fmt(s['verified'])} | "
@@ -515,16 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     out = out if out.is_absolute() else (_ROOT / out)
     out.mkdir(parents=True, exist_ok=True)
     if method in ADVMARK_METHODS:
-        return advmark_false_positives(options, secret, doc, out, verify_over)
+        return medlocker_false_positives(options, secret, doc, out, verify_over)
     data = dict(doc["verification"]["data"])
     if method == "stealthmark":
-        from watermark.owner_kit import read_secret, secret_sha256
+        from watermark.stealthmark.kit import read_secret, secret_sha256
 
         read_secret(secret)
         alpha = float(doc["thresholds"]["alpha"])
         marked = options["suspect"] or doc["model"].get("checkpoint")
     else:
-        from watermark.xmark_kit import read_xmark_secret, secret_sha256
+        from watermark.xmark.kit import read_xmark_secret, secret_sha256
 
         read_xmark_secret(secret)
         alpha = float(doc["thresholds"]["alpha"])

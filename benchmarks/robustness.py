@@ -13,7 +13,7 @@ For each entry of the attack grid it runs ``verify.py``'s protocol in-process
 * the watermark evidence -- StealthMark: verified, p, response p, QR p, ASR / decoded, bit
   accuracy (and the per-cell readout); X-Mark: verified, p, ΔP, WSR;
 * the task quality left to the thief on the clean test split -- Dice (segmentation) or balanced
-  accuracy (classification) -- of the attacked suspect (``utils.attacks.task_quality``).
+  accuracy (classification) -- of the attacked suspect (``verification.attacks.task_quality``).
 
 Writes ``<out>/robustness.json``, ``robustness.md`` (table), ``robustness.png`` (−log10 p and
 quality per attack) and each verification's report under ``<out>/<entry>/``.
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._study import ROOT as _ROOT, evidence, fmt, neg_log10, parse_args, run_verify  # noqa: E402
-from utils.verification import secret_method  # noqa: E402
+from verification.protocols import secret_method  # noqa: E402
 
 # entry -> (attack config, parameters)
 GRID: dict[str, tuple[str, dict[str, Any]]] = {
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = json.loads(Path(base["report"]).read_text())
         alpha = (rep.get("thresholds") or {}).get("alpha") or rep.get("alpha")
     secret_doc = json.loads(Path(options["secret"]).read_text())
-    from watermark.owner_kit import secret_sha256
+    from watermark.stealthmark.kit import secret_sha256
 
     doc = {
         "benchmark": "robustness",

@@ -33,8 +33,8 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
 import utils.resolvers  # noqa: E402,F401
-from watermark import explain  # noqa: E402
-from watermark.verify_stealthmark import quiet_lime  # noqa: E402
+from watermark.stealthmark import explain  # noqa: E402
+from watermark.stealthmark.evidence import quiet_lime  # noqa: E402
 
 
 class StepTimer(Callback):

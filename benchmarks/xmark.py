@@ -35,7 +35,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 import utils.resolvers  # noqa: E402,F401
 from lightning_modules.xmark import mark_native, quantise, query_pairs  # noqa: E402
-from watermark.xmark_stats import xmark_test  # noqa: E402
+from watermark.xmark.stats import xmark_test  # noqa: E402
 
 
 def build_module(args: argparse.Namespace, tmp: Path):

@@ -17,7 +17,7 @@ x_w) every validation epoch and sends it to W&B when the run logs there.
   a marked image (PNG among JPEGs) tells which images carry the mark; re-encode the whole
   release as PNG yourself if that matters more than byte-identity (``docs/xmark.md``).
 * ``<run>/owner/`` -- ``generator.pt`` (G + the surrogate that gives its saliency),
-  ``secret.json`` (:mod:`watermark.xmark_kit`: target class, verification ids, τ, α, m,
+  ``secret.json`` (:mod:`watermark.xmark.kit`: target class, verification ids, τ, α, m,
   marked ids, the controls: the clean models of training and held-out ones), ``certificate.json`` (signed), the owner's
   Ed25519 keys;
 * ``<run>/release.json`` -- public numbers: counts, PSNR/SSIM/L∞ of the stored marked
@@ -48,17 +48,17 @@ from PIL import Image  # noqa: E402
 from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: E402
 
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
-from lightning_modules.suspect import SuspectError, build_suspect_model  # noqa: E402
+from verification.suspect import SuspectError, build_suspect_model  # noqa: E402
 from lightning_modules.xmark import mark_native, marker_sha256, quantise, query_pairs  # noqa: E402
 from watermark import certificates  # noqa: E402
-from watermark.xmark_kit import (  # noqa: E402
+from watermark.xmark.kit import (  # noqa: E402
     build_xmark_certificate,
     build_xmark_secret,
     folder_sha256,
     write_xmark_certificate,
     write_xmark_secret,
 )
-from watermark.xmark_stats import CONTROL_PER_IMAGE, xmark_test  # noqa: E402
+from watermark.xmark.stats import CONTROL_PER_IMAGE, xmark_test  # noqa: E402
 
 log = logging.getLogger("medmark.xmark")
 

@@ -13,7 +13,7 @@ the rest stay clean:
    ``m = upsample(Q ⊙ z)``; negatives and clean rows keep ``y``, so hiding cells alone
    never unlocks the mark.
 
-Loss routing: every :class:`losses.stealthmark.KeySampleTerm` (uncertainty modulation,
+Loss routing: every :class:`losses.uncertainty.KeySampleTerm` (uncertainty modulation,
 harmlessness guard) sees the key rows; every other term (the task's BCE + Dice) sees the
 clean and negative rows.
 
@@ -44,15 +44,15 @@ from omegaconf import DictConfig, ListConfig
 from lightning_modules.base import to_plain
 from lightning_modules.metrics import build_metrics
 from lightning_modules.task import TaskModule
-from losses.stealthmark import KeySampleTerm
-from watermark.explain import otsu_threshold, uncertainty_score
-from watermark.grid import apply_cell_mask, cell_means, upsample_cells
-from watermark.owner_kit import OwnerKitError, StealthMarkKey, trigger_spec
-from watermark.soft_targets import key_targets, sample_keep_masks
-from watermark.verify_stealthmark import dice_per_image
+from losses.uncertainty import KeySampleTerm
+from watermark.stealthmark.explain import otsu_threshold, uncertainty_score
+from watermark.stealthmark.grid import apply_cell_mask, cell_means, upsample_cells
+from watermark.stealthmark.kit import OwnerKitError, StealthMarkKey, trigger_spec
+from watermark.stealthmark.soft_targets import key_targets, sample_keep_masks
+from watermark.stealthmark.evidence import dice_per_image
 
 
-# Key fields (watermark.owner_kit) -> the config keys that set them.
+# Key fields (watermark.stealthmark.kit) -> the config keys that set them.
 _CONFIG_FIELDS = {
     "key.payload": "method.payload",
     "key.qr.version": "method.qr.version",
@@ -90,7 +90,7 @@ class StealthMarkModule(TaskModule):
         qr: ``{"version": int, "error_correction": "L"|"M"|"Q"|"H"}``.
         quiet_zone: cells of quiet zone around the QR grid (the trigger lives there).
         trigger: trigger config ``{"kind": ..., <kind>: {params}, ...}`` or a flat spec
-            (see :func:`watermark.owner_kit.trigger_spec` and :mod:`watermark.triggers`).
+            (see :func:`watermark.stealthmark.kit.trigger_spec` and :mod:`watermark.stealthmark.triggers`).
 
     Args (hyper-parameters, saved):
         image_size: side of the (square) training images, pixels; must be a multiple of
@@ -216,7 +216,7 @@ class StealthMarkModule(TaskModule):
         self._require_key()
         if not any(isinstance(term, KeySampleTerm) for term in self.loss_terms.values()):
             raise ValueError(
-                "method=stealthmark needs at least one key-sample loss term (losses.stealthmark."
+                "method=stealthmark needs at least one key-sample loss term (losses.uncertainty."
                 "UncertaintyModulationTerm); the loss config has only " + ", ".join(self.loss_terms)
             )
         for logger in self.loggers:

@@ -10,7 +10,7 @@ Three kinds of network live in :class:`XMarkModule`:
   thief's model would learn from the released data. The targeted term is computed on it
   (first-order bilevel scheme: ``proxy_steps`` proxy updates per generator update);
 * ``surrogate`` and ``references`` -- frozen *clean* classifiers. The surrogate gives the
-  EigenCAM saliency s (cached on disk, :class:`watermark.saliency.SaliencyCache`) and, with
+  EigenCAM saliency s (cached on disk, :class:`watermark.xmark.saliency.SaliencyCache`) and, with
   the references, the Ind-M suppression term (marked non-target images must stay correctly
   classified by clean models: a mark that fools clean models is an adversarial
   perturbation, not a watermark) and the untargeted term (marked target-class images lose
@@ -57,12 +57,12 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from lightning_modules.base import to_plain
-from lightning_modules.suspect import SuspectError, build_suspect_model
+from verification.suspect import SuspectError, build_suspect_model
 from lightning_modules.task import TaskModule
 from losses.xmark import LPIPSTerm, random_rescale
 from models.generator import ConditionalUNetGenerator
 from models.safe_reader import ModelFileError, build_model, config_of, read_model_file, validate_kwargs
-from watermark.saliency import SaliencyCache, default_target_layer, eigencam_saliency
+from watermark.xmark.saliency import SaliencyCache, default_target_layer, eigencam_saliency
 
 log = logging.getLogger("medmark.xmark")
 

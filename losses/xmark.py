@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from losses.base import LossTerm
 from models.weights import describe_key_mismatch, load_state_dict_file, resolve_local_weights
-from watermark.pyramid import laplacian_pyramid
+from watermark.xmark.pyramid import laplacian_pyramid
 
 
 def _zero_like_graph(t: Tensor) -> Tensor:
@@ -325,7 +325,7 @@ class LPIPSTerm(LossTerm):
 
 
 class LaplacianPenaltyTerm(LossTerm):
-    """Band-weighted energy of δ in a Laplacian pyramid (:mod:`watermark.pyramid`).
+    """Band-weighted energy of δ in a Laplacian pyramid (:mod:`watermark.xmark.pyramid`).
 
     ``Σ_k level_weights[k] · mean(band_k(δ)²)``, k = 0 the finest band; the low-pass
     residual is not penalised, so smooth, low-frequency marks are free while pixel-level

@@ -1,7 +1,7 @@
 """X-Mark's conditional watermark generator (METHODS.md §2, step 3).
 
 A small residual U-Net G(x, s) -> r reads the image and its saliency map (EigenCAM of the
-surrogate, :mod:`watermark.saliency`) and emits a residual r; the perturbation is
+surrogate, :mod:`watermark.xmark.saliency`) and emits a residual r; the perturbation is
 
     δ = ε · tanh(r)            (optionally · s, "gated" by saliency)
     x_w = clip(x + δ, 0, 1)

@@ -22,7 +22,7 @@ name in ``_target_`` plus keyword arguments) next to its weights. Handing that c
   build, load ``model.*`` weights strictly) -> ``(model in eval mode on the CPU, hparams)``.
 
 Operator-trusted extra factories (``factories``): the verifier's own config/CLI (``verify.py
-suspect_factories=[...]``, ``--factories`` of ``utils.serve`` / ``utils.export``) may add
+suspect_factories=[...]``, ``--factories`` of ``verification.serve`` / ``verification.export``) may add
 factories of their own code, e.g. a custom test network. An entry is either an exact dotted name
 (``my_pkg.nets.TinyNet``) or a module followed by a dot (``my_pkg.nets.``), which admits
 ``my_pkg.nets.<Name>`` for a single identifier ``Name`` (no further dots, no leading ``_``) that

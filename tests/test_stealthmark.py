@@ -27,10 +27,12 @@ from hydra.utils import instantiate
 
 from conftest import ROOT, compose_config, read_summary
 from lightning_modules.stealthmark import StealthMarkModule
-from lightning_modules.suspect import CheckpointSuspect, SuspectError
-from watermark import attacks, certificates, explain
-from watermark.grid import GridSpec, apply_cell_mask, cell_index_map, upsample_cells
-from watermark.owner_kit import (
+from verification.suspect import CheckpointSuspect, SuspectError
+from verification import model_attacks as attacks
+from watermark import certificates
+from watermark.stealthmark import explain
+from watermark.stealthmark.grid import GridSpec, apply_cell_mask, cell_index_map, upsample_cells
+from watermark.stealthmark.kit import (
     OwnerKitError,
     StealthMarkKey,
     build_model_certificate,
@@ -41,8 +43,8 @@ from watermark.owner_kit import (
     write_certificate,
     write_secret,
 )
-from watermark.soft_targets import key_targets, sample_keep_masks
-from watermark.verify_stealthmark import CountingPredictor, null_grids, verify_stealthmark
+from watermark.stealthmark.soft_targets import key_targets, sample_keep_masks
+from watermark.stealthmark.evidence import CountingPredictor, null_grids, verify_stealthmark
 
 PAYLOAD = "Qx7-kv2"  # 7 bytes (v1-H capacity); a string that appears nowhere else in a run folder
 TRIGGER_SEED = 918273

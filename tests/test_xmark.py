@@ -24,13 +24,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, compose_config
-from lightning_modules.suspect import CheckpointSuspect, SuspectError
+from verification.suspect import CheckpointSuspect, SuspectError
 from lightning_modules.xmark import MarkerError, XMarkMarker, mark_native, query_pairs
 from models.classification import build_timm_classifier
 from models.generator import ConditionalUNetGenerator
-from watermark.owner_kit import OwnerKitError
-from watermark.xmark_kit import build_xmark_secret, read_xmark_secret, write_xmark_secret
-from watermark.xmark_stats import xmark_test
+from watermark.stealthmark.kit import OwnerKitError
+from watermark.xmark.kit import build_xmark_secret, read_xmark_secret, write_xmark_secret
+from watermark.xmark.stats import xmark_test
 
 GEN_CFG = {"in_channels": 1, "saliency_channels": 1, "base_width": 4, "depth": 2, "epsilon": 8 / 255}
 SUR_CFG = {"_target_": "models.build_timm_classifier", "name": "small_cnn", "num_classes": 2, "in_channels": 1}
@@ -279,7 +279,7 @@ def test_mal_verifies_and_ind_m_does_not(pipeline):
     assert all(Path(p).is_file() for p in report["figures"])
 
     # Ind-M in-process (same protocol function verify.py dispatches to; saves an interpreter start)
-    from utils.verify_xmark import run as verify_xmark
+    from verification.xmark import run as verify_xmark
 
     cfg = compose_config([f"secret={secret}", f"suspect={ind_m / 'checkpoints' / 'last.ckpt'}",
                           f"out={tmp / 'v_ind'}"], tmp, config_name="verify")

@@ -114,7 +114,7 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
 DRAWN_SECRETS_FILE = "drawn_secrets.json"
 SALT_FILE = "redaction_salt.hex"
 KIT_FILES = ("secret.json", DRAWN_SECRETS_FILE)  # present = a kit (or a run that will write one) lives here
-PAYLOAD_ALPHABET = string.ascii_lowercase + string.digits  # one byte-mode QR segment (watermark/qr.py)
+PAYLOAD_ALPHABET = string.ascii_lowercase + string.digits  # one byte-mode QR segment (watermark/stealthmark/qr.py)
 
 
 class KitExistsError(ValueError):
@@ -123,7 +123,7 @@ class KitExistsError(ValueError):
 
 def _draw_payload(cfg: DictConfig) -> str:
     """Random payload of the full byte capacity of ``method.qr`` (v1-H: 7 characters, ~36 bits)."""
-    from watermark.qr import byte_capacity, qr_modules
+    from watermark.stealthmark.qr import byte_capacity, qr_modules
 
     version = int(OmegaConf.select(cfg, "method.qr.version", default=1))
     level = str(OmegaConf.select(cfg, "method.qr.error_correction", default="H")).upper()
@@ -171,8 +171,8 @@ def kit_dir(cfg: DictConfig) -> Path | None:
         return Path(callbacks.owner_kit.output_dir)
     if callbacks.get("xmark_release"):
         return Path(callbacks.xmark_release.owner_dir)
-    if callbacks.get("advmark_export"):
-        return Path(callbacks.advmark_export.output_dir) / "owner"
+    if callbacks.get("medlocker_export"):
+        return Path(callbacks.medlocker_export.output_dir) / "owner"
     return None
 
 

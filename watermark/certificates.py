@@ -21,7 +21,7 @@ Ownership of one image is shown when (1) :func:`verify_certificate` accepts the
 signature under the owner's public key and (2) :func:`rerender_check` finds that
 the entry's parameters turn the original into the stored protected image *bit for
 bit*. Protected images are stored as uint8 PNG (lossless) produced by
-:func:`watermark.logo.render_protected` (float64 numpy, round half up to uint8);
+:func:`watermark.medlocker.logo.render_protected` (float64 numpy, round half up to uint8);
 ``rerender_check`` re-runs exactly that renderer.
 
 Private keys are PKCS#8 PEM (optionally password-encrypted) written with mode 0o600;
@@ -48,7 +48,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from watermark.logo import POLARITIES, render_protected
+from watermark.medlocker.logo import POLARITIES, render_protected
 
 CERT_FORMAT = "medmark-image-certificate"
 CERT_VERSION = 1
@@ -442,7 +442,7 @@ def rerender_check(entry: dict, original, protected, logo, delta=None) -> bool:
 
     1. ``sha256_array`` of ``original``, ``protected``, ``logo`` (and ``delta``; an entry
        with ``delta_sha256 = None`` requires ``delta is None``) equal the entry's hashes;
-    2. :func:`watermark.logo.render_protected` ``(original, logo, x, y, alpha, scale,
+    2. :func:`watermark.medlocker.logo.render_protected` ``(original, logo, x, y, alpha, scale,
        delta, delta_scope, polarity)`` -- float64 numpy, delta on the footprint only, clip, ``floor(v*255+0.5)``
        to uint8 -- equals ``protected`` exactly.
 

@@ -1,4 +1,4 @@
-"""The HTTP suspect client survives hostile endpoints (lightning_modules/adapters.py).
+"""The HTTP suspect client survives hostile endpoints (verification/adapters.py).
 
 Hostile servers run on 127.0.0.1 in daemon threads (``http.server``), each bounded in time:
 a slow drip (headers or body one byte per 0.2 s), an endless body, a huge Content-Length, a
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.adapters import (
+from verification.adapters import (
     HttpOptions,
     HttpSuspect,
     InsecureTokenError,

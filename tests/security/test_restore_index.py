@@ -21,10 +21,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-import utils.verify_advmark as verify_advmark
-import watermark.keyed_removal as kr
-from callbacks.advmark import safe_name
-from utils.verification import EXIT_BAD_INPUT, BadInput
+import verification.medlocker as verify_medlocker
+import watermark.medlocker.keyed_removal as kr
+from callbacks.medlocker import safe_name
+from verification.protocols import EXIT_BAD_INPUT, BadInput
 
 ROOT = Path(__file__).resolve().parents[2]
 IDS = ("a1", "b2", "c3")
@@ -65,7 +65,7 @@ def _make_kit(base: Path, version_header: bytes | None = None) -> dict:
         originals[image_id] = original
     (run / "restore" / "index.json").write_text(json.dumps(index, indent=2))
     kr.save_master_key(run / "owner" / "master_key.hex", key)
-    secret = {"format": verify_advmark.SECRET_FORMAT, "method": "miadmark", "ids": list(IDS),
+    secret = {"format": verify_medlocker.SECRET_FORMAT, "method": "miadmark", "ids": list(IDS),
               "certificates": str(run / "certificates.json"), "restore_dir": str(run / "restore"),
               "logo": str(run / "logo.npy"), "public_key": str(run / "owner" / "public_key.pem"),
               "dataset_root": str(base / "data")}
@@ -83,13 +83,13 @@ def kit(tmp_path):
 def decrypts(monkeypatch):
     """Records every call of the decrypting function the restore mode uses."""
     calls: list[str] = []
-    real = verify_advmark.restore
+    real = verify_medlocker.restore
 
     def recording(protected, blob, master_key, image_id, destination=""):
         calls.append(image_id)
         return real(protected, blob, master_key, image_id, destination=destination)
 
-    monkeypatch.setattr(verify_advmark, "restore", recording)
+    monkeypatch.setattr(verify_medlocker, "restore", recording)
     return calls
 
 
@@ -102,7 +102,7 @@ def _edit_index(kit: dict, edit) -> None:
 def _restore(kit: dict, out: Path, key: Path | None = None) -> int:
     cfg = OmegaConf.create({"mode": "restore", "secret": str(kit["secret"]), "key": str(key or kit["key"]),
                             "images": str(kit["run"] / "protected"), "out": str(out), "restore_dir": None})
-    return verify_advmark.run(cfg)
+    return verify_medlocker.run(cfg)
 
 
 def _files(folder: Path) -> list[str]:

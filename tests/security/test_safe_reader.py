@@ -18,13 +18,13 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
-from lightning_modules.advmark import ClassifierLoadError, load_classifier_checkpoint
-from lightning_modules.suspect import CheckpointSuspect, SuspectError, build_suspect_model
+from lightning_modules.medlocker import ClassifierLoadError, load_classifier_checkpoint
+from verification.suspect import CheckpointSuspect, SuspectError, build_suspect_model
 from lightning_modules.xmark import MarkerError, XMarkMarker
 from models.generator import ConditionalUNetGenerator
 from models.safe_reader import FACTORIES, ModelFileError, build_model, load_model_checkpoint, read_checkpoint
-from utils.attacks import build_student
-from utils.verification import BadInput
+from verification.attacks import build_student
+from verification.protocols import BadInput
 
 SMALL_CNN = {"_target_": "models.build_timm_classifier", "name": "small_cnn", "num_classes": 2, "in_channels": 1,
              "weights_path": None, "network_channels": None, "mean": None, "std": None}
@@ -219,7 +219,7 @@ def test_verify_cli_exits_2_on_a_hostile_stealthmark_suspect(tmp_path):
     same command gets past loading the suspect (exit 0/1), so the exit 2 is the refusal.
     """
     from test_stealthmark import PAYLOAD, THRESHOLDS, TINY_STEALTHMARK, TRIGGER_SEED, TinyPositionalNet
-    from watermark.owner_kit import StealthMarkKey, build_secret, write_secret
+    from watermark.stealthmark.kit import StealthMarkKey, build_secret, write_secret
 
     cfg = compose_config([*TINY_STEALTHMARK, "data.synthetic.num_images=24"], tmp_path)
     data = OmegaConf.to_container(cfg.data, resolve=True)

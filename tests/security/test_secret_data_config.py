@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from utils.verification import BadInput, data_config
+from verification.protocols import BadInput, data_config
 
 NO_OVERRIDES = OmegaConf.create({"root": None, "image_size": None})
 

@@ -220,8 +220,8 @@ def test_every_methods_private_files_are_created_0600(tmp_path, open_spy):
     from models import build_timm_classifier
     from models.generator import ConditionalUNetGenerator
     from watermark.certificates import owner_signing_key
-    from watermark.keyed_removal import generate_master_key, save_master_key
-    from watermark.owner_kit import StealthMarkKey, build_secret, write_secret
+    from watermark.medlocker.keyed_removal import generate_master_key, save_master_key
+    from watermark.stealthmark.kit import StealthMarkKey, build_secret, write_secret
 
     owner = tmp_path / "owner"
     key = StealthMarkKey(payload="abc1234", qr_version=1, error_correction="H", image_size=50, quiet_zone=2,
@@ -245,15 +245,15 @@ def test_every_methods_private_files_are_created_0600(tmp_path, open_spy):
     assert _mode(owner / "owner_public_key.pem") == 0o644  # meant to be shared
 
 
-def test_xmark_secret_and_advmark_secret_are_0600(tmp_path):
-    from watermark.xmark_kit import build_xmark_secret, write_xmark_secret
+def test_xmark_secret_and_medlocker_secret_are_0600(tmp_path):
+    from watermark.xmark.kit import build_xmark_secret, write_xmark_secret
 
     doc = build_xmark_secret(
         target_class=1, classes=["a", "b"], marker_checkpoint="generator.pt", marker_sha256="0" * 64, image_size=32,
         verification_ids=["x", "y"], verification_split="test", verification_seed=3,
         data_config={"_target_": "datamodules.MedicalImageDataModule"}, tau=0.2, alpha=0.01, release={})
     assert _mode(write_xmark_secret(tmp_path / "secret.json", doc)) == 0o600
-    source = Path(__file__).resolve().parents[2] / "callbacks" / "advmark.py"
+    source = Path(__file__).resolve().parents[2] / "callbacks" / "medlocker.py"
     assert 'write_secret_file(out / "owner" / "secret.json"' in source.read_text()  # no plain write_text of the kit
 
 
@@ -262,7 +262,7 @@ def test_xmark_secret_and_advmark_secret_are_0600(tmp_path):
 
 def test_interrupted_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     from watermark import certificates
-    from watermark.owner_kit import StealthMarkKey, build_secret, write_secret
+    from watermark.stealthmark.kit import StealthMarkKey, build_secret, write_secret
 
     key = StealthMarkKey(payload="abc1234", qr_version=1, error_correction="H", image_size=50, quiet_zone=2,
                          trigger={"kind": "patch", "size": 4, "position": "top-left", "seed": 3})
@@ -292,7 +292,7 @@ def test_ddp_processes_adopt_rank_zero_key(tmp_path):
 
     from hydra.utils import instantiate
 
-    from watermark.owner_kit import StealthMarkKey
+    from watermark.stealthmark.kit import StealthMarkKey
 
     cfg = compose_config(["experiment=stealthmark_synthetic"], tmp_path)
     resolve_secrets(cfg)

@@ -1,4 +1,4 @@
-"""A TorchScript suspect may compute on tensors and nothing else (lightning_modules/adapters.py).
+"""A TorchScript suspect may compute on tensors and nothing else (verification/adapters.py).
 
 Hostile archives are scripted at run time into ``tmp_path``: a forward that maps a verifier
 file with ``torch.from_file(..., shared=True)`` and overwrites it, a forward that writes with
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.adapters import (
+from verification.adapters import (
     SuspectError,
     SuspectOperatorError,
     TorchScriptSuspect,
@@ -201,7 +201,7 @@ def test_a_normal_convolutional_export_is_accepted_and_predicts(tmp_path):
     assert probs.shape == (2, 1, 16, 16)
     with torch.no_grad():
         assert torch.allclose(probs, torch.sigmoid(model(images)), atol=1e-5)
-    # traced graphs (utils.export's fallback) pass too
+    # traced graphs (verification.export's fallback) pass too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, images)
@@ -233,7 +233,7 @@ class InfLogits(nn.Module):
 
 @pytest.mark.parametrize("make", [NaNLogits, InfLogits], ids=lambda m: m.__name__)
 def test_non_finite_logits_are_refused_naming_the_file(make, tmp_path):
-    from lightning_modules.adapters import NonFiniteOutputError
+    from verification.adapters import NonFiniteOutputError
     archive = _script_and_save(make(), tmp_path / "nonfinite.pt")
     suspect = open_suspect(archive, task="segmentation")
     with pytest.raises(NonFiniteOutputError, match="non-finite") as info:

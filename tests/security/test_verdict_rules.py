@@ -30,9 +30,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
-from utils.verification import EXIT_EXPLORATORY, apply_threshold_overrides
-from watermark.owner_kit import StealthMarkKey, build_secret, write_secret
-from watermark.xmark_stats import retest_controls, xmark_test
+from verification.protocols import EXIT_EXPLORATORY, apply_threshold_overrides
+from watermark.stealthmark.kit import StealthMarkKey, build_secret, write_secret
+from watermark.xmark.stats import retest_controls, xmark_test
 
 pytestmark = pytest.mark.slow
 
@@ -263,7 +263,7 @@ def xkit(tmp_path_factory):
     from lightning_modules.xmark import XMarkMarker, marker_sha256
     from models.classification import build_timm_classifier
     from models.generator import ConditionalUNetGenerator
-    from watermark.xmark_kit import build_xmark_secret, write_xmark_secret
+    from watermark.xmark.kit import build_xmark_secret, write_xmark_secret
 
     base = tmp_path_factory.mktemp("xverdict")
     cfg = compose_config(["experiment=xmark_synthetic", "data.synthetic.num_images=120",

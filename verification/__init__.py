@@ -1,0 +1,1 @@
+"""Everything that judges a suspect: protocols per method, suspect adapters, attacks, reports."""

@@ -1,0 +1,1 @@
+"""StealthMark core: key, triggers, QR grid, soft targets, LIME explanation, evidence."""

@@ -1,0 +1,1 @@
+"""X-Mark core: saliency, Laplacian pyramid, owner kit, ownership statistic."""
