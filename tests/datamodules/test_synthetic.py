@@ -213,7 +213,8 @@ def test_cxr_label_mix_and_finding_option(tmp_path):
 
 def test_cxr_positive_images_are_brighter_in_the_lungs(tmp_path):
     """The finding is in the pixels: a positive study shows extra density in a lung field."""
-    from datamodules.synthetic import _render_cxr, _rng
+    from datamodules.synthetic.common import _rng
+    from datamodules.synthetic.cxr import _render_cxr
 
     diffs = []
     for i in range(6):
