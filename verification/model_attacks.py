@@ -30,7 +30,6 @@ logits B×K``; images are B×C×H×W float in [0, 1] (normalisation is inside th
 
 from __future__ import annotations
 
-import io
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -331,32 +330,21 @@ class ModuleSuspect:
 # ----------------------------------------------------------------------------- query-time transforms
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def jpeg_round_trip(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG-compress and decode each image of B×C×H×W [0, 1] at ``quality`` (1..100); C ∈ {1, 3}."""
+    """JPEG-compress and decode each image of B×C×H×W [0, 1] at ``quality`` (1..100); C ∈ {1, 3}.
+
+    The one JPEG codec of the project (:func:`watermark.medlocker.removal_attacks.jpeg`, OpenCV,
+    uint8 rounding half up); returns float32 on the input's device.
+    """
+    from watermark.medlocker.removal_attacks import jpeg
+
     quality = int(quality)
     if not 1 <= quality <= 100:
         raise ValueError(f"attack.quality must be in 1..100, got {quality}")
     channels = images.shape[1]
     if channels not in (1, 3):
         raise ValueError(f"JPEG needs 1 or 3 channels, got {channels}")
-    from PIL import Image
-    import numpy as np
-
-    out = []
-    for img in _to_uint8(images.detach().cpu()):
-        array = img.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(array[..., 0] if channels == 1 else array, mode="L" if channels == 1 else "RGB")
-        buffer = io.BytesIO()
-        pil.save(buffer, format="JPEG", quality=quality)
-        buffer.seek(0)
-        decoded = np.asarray(Image.open(buffer).convert("L" if channels == 1 else "RGB"))
-        decoded = decoded[..., None] if channels == 1 else decoded
-        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1))
-    return torch.stack(out).float().div(255).to(images.device)
+    return jpeg(images.detach().float(), quality)
 
 
 def resize_round_trip(images: torch.Tensor, factor: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Removal attacks (verification/model_attacks.py), their dispatcher (verification/attacks.py), verify.py's bad
+"""Removal attacks (verification/model_attacks.py), their configs and classes (verification/attacks/), verify.py's bad
 attack values, and the robustness / false-positive studies (benchmarks/).
 
 Each attack must change the model or the queries as it claims: pruning reaches the requested
@@ -22,12 +22,22 @@ import torch
 from torch import nn
 
 from conftest import ROOT
-from verification.attacks import apply_attack, normalise, task_quality
+from omegaconf import OmegaConf
+
+from verification.attacks import apply_attack, build_attack, task_quality
 from verification.protocols import BadInput
 from verification import model_attacks as attacks
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 FACTORIES = "suspect_factories=[models.,test_attacks.]"
+
+
+def attack_cfg(name: str, /, **values) -> dict:
+    """``configs/attack/<name>.yaml`` with ``values`` over it, as ``verify.py attack=<name> attack.k=v`` composes it
+    (a name without a config file: just ``{"name": name, **values}``)."""
+    path = ROOT / "configs" / "attack" / f"{name}.yaml"
+    base = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {"name": name}
+    return {**base, **values}
 
 
 class TinySegNet(nn.Module):
@@ -242,29 +252,40 @@ def test_jpeg_of_grey_images_and_noise_are_reproducible():
 
 
 @pytest.mark.parametrize("attack,field", [
-    ({"name": "prune", "amount": 1.0}, "attack.amount"),
-    ({"name": "prune", "amount": -0.1}, "attack.amount"),
-    ({"name": "jpeg", "quality": 0}, "attack.quality"),
-    ({"name": "jpeg", "quality": 101}, "attack.quality"),
-    ({"name": "finetune", "data_share": 0.0}, "attack.data_share"),
-    ({"name": "finetune", "lr": 0}, "attack.lr"),
-    ({"name": "resize", "factor": 1.5}, "attack.factor"),
-    ({"name": "crop", "mode": "corner"}, "attack.mode"),
-    ({"name": "noise", "sigma": "lots"}, "attack.sigma"),
-    ({"name": "erase"}, "attack.name"),
-    ({"name": "jpeg", "qualty": 50}, "attack.qualty"),
+    (attack_cfg("prune", amount=1.0), "attack.amount"),
+    (attack_cfg("prune", amount=-0.1), "attack.amount"),
+    (attack_cfg("jpeg", quality=0), "attack.quality"),
+    (attack_cfg("jpeg", quality=101), "attack.quality"),
+    (attack_cfg("finetune", data_share=0.0), "attack.data_share"),
+    (attack_cfg("finetune", lr=0), "attack.lr"),
+    (attack_cfg("resize", factor=1.5), "attack.factor"),
+    (attack_cfg("crop", mode="corner"), "attack.mode"),
+    (attack_cfg("noise", sigma="lots"), "attack.sigma"),
+    (attack_cfg("erase"), "attack.name"),
+    (attack_cfg("jpeg", qualty=50), "attack.qualty"),
+    (attack_cfg("jpeg", name="prune"), "attack.name"),
+    ({k: v for k, v in attack_cfg("prune").items() if k != "amount"}, "attack.amount"),
+    (attack_cfg("prune", _target_="builtins.print"), "attack._target_"),
 ])
 def test_bad_attack_values_are_bad_input_naming_the_field(attack, field):
     with pytest.raises(BadInput, match=field.replace(".", r"\.")):
-        normalise(attack)
+        build_attack(attack)
+
+
+def test_every_attack_config_builds_its_attack_with_the_defaults_of_the_file():
+    for path in sorted((ROOT / "configs" / "attack").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        attack, split = build_attack(cfg)
+        assert attack.name == cfg["name"] == path.stem and split is None
+        assert attack.parameters() == {k: v for k, v in cfg.items() if k not in ("_target_", "name", "quality_split")}
 
 
 @pytest.mark.parametrize("name", ["prune", "quantize", "finetune"])
 def test_weight_attacks_need_the_suspects_weights(name):
     with pytest.raises(BadInput, match=f"attack={name} needs the suspect's weights"):
-        apply_attack({"name": name}, FakeSuspect(None), FakeDataModule("segmentation"), "segmentation")
+        apply_attack(attack_cfg(name), FakeSuspect(None), FakeDataModule("segmentation"), "segmentation")
     with pytest.raises(BadInput, match="attack=distill needs the suspect's weights"):
-        apply_attack({"name": "distill"}, FakeSuspect(None), FakeDataModule("segmentation"), "segmentation")
+        apply_attack(attack_cfg("distill"), FakeSuspect(None), FakeDataModule("segmentation"), "segmentation")
 
 
 @pytest.mark.parametrize("task", ["segmentation", "classification"])
@@ -273,10 +294,10 @@ def test_dispatcher_runs_every_attack_and_measures_quality(task):
     make = (lambda: TinySegNet()) if task == "segmentation" else (lambda: TinyClassifier())
     backbone = {"_target_": f"test_attacks.{'TinySegNet' if task == 'segmentation' else 'TinyClassifier'}"}
     metric = "dice" if task == "segmentation" else "balanced_accuracy"
-    for cfg in ({"name": "none"}, {"name": "prune", "amount": 0.5}, {"name": "quantize"},
-                {"name": "finetune", "epochs": 1, "data_share": 0.5, "batch_size": 4},
-                {"name": "distill", "epochs": 1, "batch_size": 4}, {"name": "jpeg", "quality": 50},
-                {"name": "resize", "factor": 0.5}, {"name": "noise", "sigma": 0.01}, {"name": "crop"}):
+    for cfg in (attack_cfg("none"), attack_cfg("prune", amount=0.5), attack_cfg("quantize"),
+                attack_cfg("finetune", epochs=1, data_share=0.5, batch_size=4),
+                attack_cfg("distill", epochs=1, batch_size=4), attack_cfg("jpeg", quality=50),
+                attack_cfg("resize", factor=0.5), attack_cfg("noise", sigma=0.01), attack_cfg("crop")):
         torch.manual_seed(0)
         suspect = FakeSuspect(make(), task, hparams={"backbone": backbone})
         attacked, record = apply_attack({**cfg, "quality_split": "test"}, suspect, dm, task)
