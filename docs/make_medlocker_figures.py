@@ -87,9 +87,9 @@ def main() -> None:
     image_t = torch.from_numpy(original).permute(2, 0, 1).float() / 255.0
     info = {"image_size": args.size, "lesion_boxes": len(boxes), "region_fraction": float(region.mean())}
     if args.surrogate:
-        from lightning_modules.medlocker import load_classifier_checkpoint
+        from models.safe_reader import load_model_checkpoint
 
-        model, _ = load_classifier_checkpoint(args.surrogate)
+        model, _ = load_model_checkpoint(args.surrogate, task="classification", default_task="classification")
         side = args.surrogate_size
 
         def predict(x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
-from lightning_modules.medlocker import ClassifierLoadError, load_classifier_checkpoint
+from lightning_modules.medlocker import CLASSIFIER, ClassifierLoadError
 from verification.suspect import CheckpointSuspect, SuspectError, build_suspect_model
-from lightning_modules.xmark import MarkerError, XMarkMarker
+from models.xmark_marker import MarkerError, load_marker
+from watermark.xmark.marker import XMarkMarker
 from models.generator import ConditionalUNetGenerator
 from models.safe_reader import FACTORIES, ModelFileError, build_model, load_model_checkpoint, read_checkpoint
 from verification.attacks import build_student
@@ -85,7 +86,7 @@ def test_every_loader_refuses_hostile_backbones_and_builds_nothing(attack, tmp_p
         (ModelFileError, lambda: load_model_checkpoint(path, task="classification")),
         (SuspectError, lambda: CheckpointSuspect(path, task="classification")),
         (SuspectError, lambda: build_suspect_model(path, ("models.",), task=None)),  # the old prefix: no effect
-        (ClassifierLoadError, lambda: load_classifier_checkpoint(path)),
+        (ClassifierLoadError, lambda: load_model_checkpoint(path, **CLASSIFIER)),
     ]
     for error, load in loaders:
         with pytest.raises(error) as err:
@@ -105,7 +106,7 @@ def test_marker_bundle_configs_are_checked_too(tmp_path):
     good = marker.save(tmp_path / "generator.pt")
     bundle = torch.load(good, weights_only=True)
     x = torch.rand(2, 1, 32, 32)
-    torch.testing.assert_close(XMarkMarker.load(good).mark(x)["marked"], marker.mark(x)["marked"], rtol=0, atol=0)
+    torch.testing.assert_close(load_marker(good).mark(x)["marked"], marker.mark(x)["marked"], rtol=0, atol=0)
     cases = {
         "surrogate_config.name": {**bundle, "surrogate_config": {**SMALL_CNN, "name": _opens(sentinel)}},
         "surrogate_config._target_": {**bundle, "surrogate_config": {**SMALL_CNN,
@@ -118,7 +119,7 @@ def test_marker_bundle_configs_are_checked_too(tmp_path):
     for key, hostile in cases.items():
         torch.save(hostile, tmp_path / "evil.pt")
         with pytest.raises(MarkerError) as err:
-            XMarkMarker.load(tmp_path / "evil.pt", factories=("models.",))
+            load_marker(tmp_path / "evil.pt", factories=("models.",))
         assert "evil.pt" in str(err.value) and key in str(err.value), str(err.value)
         assert not sentinel.exists()
 
@@ -151,7 +152,7 @@ def test_foreign_and_incomplete_files_are_named(tmp_path):
         load_model_checkpoint(tmp_path / "nostate.ckpt", task="classification")
     _checkpoint(tmp_path / "nobackbone.ckpt", None)
     with pytest.raises(ClassifierLoadError, match=r"nobackbone\.ckpt: field 'hyper_parameters\.backbone' is missing"):
-        load_classifier_checkpoint(tmp_path / "nobackbone.ckpt")
+        load_model_checkpoint(tmp_path / "nobackbone.ckpt", **CLASSIFIER)
     _checkpoint(tmp_path / "seg.ckpt", SMALL_CNN, task="segmentation")
     with pytest.raises(SuspectError, match=r"seg\.ckpt: field 'hyper_parameters\.task' is 'segmentation'"):
         CheckpointSuspect(tmp_path / "seg.ckpt", task="classification")
@@ -175,7 +176,7 @@ def test_valid_checkpoint_loads_and_predicts_identically(tmp_path):
     with torch.no_grad():
         expected = torch.softmax(net(images), dim=1)
     torch.testing.assert_close(suspect.predict(images), expected, rtol=0, atol=0)
-    classifier, _ = load_classifier_checkpoint(path)
+    classifier, _ = load_model_checkpoint(path, **CLASSIFIER)
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), net(images), rtol=0, atol=0)
     assert "models.build_timm_classifier" in FACTORIES and "models.segmentation.build_smp_model" in FACTORIES

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from watermark.imageio import quantise
 from watermark.medlocker.logo import composite
 
 
@@ -111,9 +112,77 @@ class QueryCounter:
         return torch.cat(outs)
 
 
-def quantise(images: Tensor) -> Tensor:
-    """Round to the uint8 grid a stored PNG has: ``floor(v * 255 + 0.5) / 255`` (v clipped to [0, 1])."""
-    return torch.floor(images.clamp(0, 1) * 255.0 + 0.5) / 255.0
+class _Search:
+    """The state of one image's search: candidates are rows ``(y, x, alpha)`` of float64 arrays."""
+
+    def __init__(self, counter: QueryCounter, image: Tensor, label: int, logo, coords: np.ndarray,
+                 config: SearchConfig, scale: float):
+        self.counter, self.label, self.logo, self.coords = counter, label, logo, coords
+        self.config, self.scale = config, scale
+        self.image = image.detach().float().cpu()
+        self.start_queries = counter.queries
+        self.rng = np.random.default_rng(config.seed)
+        self.lo, self.hi = config.alpha_range
+
+    def used(self) -> int:
+        """Queries spent by this search so far."""
+        return self.counter.queries - self.start_queries
+
+    def project(self, pop: np.ndarray) -> np.ndarray:
+        """Nearest allowed ``(y, x)`` for each candidate (N×3), alpha clipped to the range."""
+        d = ((pop[:, None, :2] - self.coords[None, :, :].astype(np.float64)) ** 2).sum(-1)
+        near = self.coords[d.argmin(1)]
+        return np.concatenate([near.astype(np.float64), np.clip(pop[:, 2:3], self.lo, self.hi)], axis=1)
+
+    def evaluate(self, pop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """True-class probability and predicted class of the first candidates the budget allows."""
+        pop = pop[:max(0, self.config.query_budget - self.used())]
+        if len(pop) == 0:
+            return np.zeros(0), np.zeros(0, dtype=np.int64)
+        batch = self.image.unsqueeze(0).expand(len(pop), -1, -1, -1)
+        marked = composite(batch, self.logo, [int(p[1]) for p in pop], [int(p[0]) for p in pop],
+                           [float(p[2]) for p in pop], self.scale)
+        probs = self.counter(quantise(marked))
+        return probs[:, self.label].numpy().astype(np.float64), probs.argmax(1).numpy()
+
+    def draw(self, n: int) -> np.ndarray:
+        """``n`` candidates uniform over the allowed positions and the alpha range (N×3)."""
+        pos = self.coords[self.rng.integers(0, len(self.coords), size=n)].astype(np.float64)
+        return np.concatenate([pos, self.rng.uniform(self.lo, self.hi, size=(n, 1))], axis=1)
+
+    def children(self, pop: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """DE mutants ``a + F (b - c)`` crossed with ``pop``; the first two replaced by basin-hopping
+        Gaussian steps around ``best``; projected onto the allowed positions (N×3)."""
+        cfg, rng, n = self.config, self.rng, len(pop)
+        idx = np.array([rng.choice(n, 3, replace=False) for _ in range(n)])
+        mutant = pop[idx[:, 0]] + cfg.differential_weight * (pop[idx[:, 1]] - pop[idx[:, 2]])
+        cross = rng.random(pop.shape) < cfg.crossover
+        children = np.where(cross, mutant, pop)
+        local = np.repeat(best[None], min(2, n), axis=0)
+        local[:, :2] += rng.normal(0.0, cfg.position_step, size=(len(local), 2))
+        local[:, 2] += rng.normal(0.0, cfg.alpha_step, size=len(local))
+        children[:len(local)] = local
+        return self.project(children)
+
+
+def _leader(fit: np.ndarray, pred: np.ndarray, label: int) -> int:
+    """Index of the most confident misclassified candidate, else of the lowest true-class probability."""
+    wins = np.flatnonzero(pred != label)
+    return int(wins[np.argmin(fit[wins])]) if len(wins) else int(np.argmin(fit))
+
+
+def _hop(search: _Search, pop: np.ndarray, fit: np.ndarray, pred: np.ndarray, best: tuple) -> tuple:
+    """Re-draw the worst half of ``pop`` in place (the hop to another basin); returns the new best."""
+    worst = np.argsort(fit)[len(pop) // 2:]
+    pop[worst] = search.draw(len(worst))
+    wfit, wpred = search.evaluate(pop[worst])
+    k = len(wfit)
+    fit[worst[:k]], pred[worst[:k]] = wfit, wpred
+    fit[worst[k:]] = np.inf
+    j = _leader(fit, pred, search.label)
+    if pred[j] != search.label or fit[j] < best[1]:
+        return pop[j].copy(), float(fit[j]), int(pred[j])
+    return best
 
 
 def blackbox_search(
@@ -142,84 +211,31 @@ def blackbox_search(
         ValueError: no allowed position (the lesion region leaves no room for the mark).
     """
     counter = predict if isinstance(predict, QueryCounter) else QueryCounter(predict)
-    start_queries = counter.queries
     coords = np.argwhere(np.asarray(allowed, dtype=bool))  # (N, 2) rows of (y, x)
     if len(coords) == 0:
         raise ValueError("no allowed position: the lesion region leaves no room for the mark")
-    rng = np.random.default_rng(config.seed)
-    lo, hi = config.alpha_range
-    image = image.detach().float().cpu()
-
-    def project(pop: np.ndarray) -> np.ndarray:
-        # nearest allowed (y, x) for each candidate, alpha clipped
-        d = ((pop[:, None, :2] - coords[None, :, :].astype(np.float64)) ** 2).sum(-1)
-        near = coords[d.argmin(1)]
-        return np.concatenate([near.astype(np.float64), np.clip(pop[:, 2:3], lo, hi)], axis=1)
-
-    def evaluate(pop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        budget = config.query_budget - (counter.queries - start_queries)
-        pop = pop[:max(0, budget)]
-        if len(pop) == 0:
-            return np.zeros(0), np.zeros(0, dtype=np.int64)
-        batch = image.unsqueeze(0).expand(len(pop), -1, -1, -1)
-        marked = composite(batch, logo, [int(p[1]) for p in pop], [int(p[0]) for p in pop],
-                           [float(p[2]) for p in pop], scale)
-        probs = counter(quantise(marked))
-        return probs[:, label].numpy().astype(np.float64), probs.argmax(1).numpy()
-
-    def draw(n: int) -> np.ndarray:
-        pos = coords[rng.integers(0, len(coords), size=n)].astype(np.float64)
-        return np.concatenate([pos, rng.uniform(lo, hi, size=(n, 1))], axis=1)
-
-    pop = draw(config.population)
-    fit, pred = evaluate(pop)
+    search = _Search(counter, image, label, logo, coords, config, scale)
+    pop = search.draw(config.population)
+    fit, pred = search.evaluate(pop)
     pop = pop[:len(fit)]
     best_i = int(np.argmin(fit))
     best = (pop[best_i].copy(), float(fit[best_i]), int(pred[best_i]))
-
-    def done() -> bool:
-        return best[2] != label or counter.queries - start_queries >= config.query_budget
-
     stale = 0
     for _gen in range(config.generations):
-        if done():
+        if best[2] != label or search.used() >= config.query_budget:
             break
-        n = len(pop)
-        # differential evolution mutation + crossover
-        idx = np.array([rng.choice(n, 3, replace=False) for _ in range(n)])
-        mutant = pop[idx[:, 0]] + config.differential_weight * (pop[idx[:, 1]] - pop[idx[:, 2]])
-        cross = rng.random(pop.shape) < config.crossover
-        children = np.where(cross, mutant, pop)
-        # basin hopping: local Gaussian steps around the current best replace two children
-        local = np.repeat(best[0][None], min(2, n), axis=0)
-        local[:, :2] += rng.normal(0.0, config.position_step, size=(len(local), 2))
-        local[:, 2] += rng.normal(0.0, config.alpha_step, size=len(local))
-        children[:len(local)] = local
-        children = project(children)
-        cfit, cpred = evaluate(children)
+        children = search.children(pop, best[0])
+        cfit, cpred = search.evaluate(children)
         m = len(cfit)
         better = cfit < fit[:m]
         pop[:m][better], fit[:m][better], pred[:m][better] = children[:m][better], cfit[better], cpred[better]
-        i = int(np.argmin(fit))
-        wins = np.flatnonzero(pred != label)
-        if len(wins):  # any misclassified candidate ends the search; keep the most confident one
-            i = int(wins[np.argmin(fit[wins])])
+        i = _leader(fit, pred, label)  # any misclassified candidate ends the search
         if fit[i] < best[1] - 1e-6 or pred[i] != label:
             best, stale = (pop[i].copy(), float(fit[i]), int(pred[i])), 0
         else:
             stale += 1
-        if stale >= config.patience:  # hop: re-draw the worst half
-            worst = np.argsort(fit)[n // 2:]
-            pop[worst] = draw(len(worst))
-            wfit, wpred = evaluate(pop[worst])
-            k = len(wfit)
-            fit[worst[:k]], pred[worst[:k]] = wfit, wpred
-            fit[worst[k:]] = np.inf
-            stale = 0
-            wins = np.flatnonzero(pred != label)
-            j = int(wins[np.argmin(fit[wins])]) if len(wins) else int(np.argmin(fit))
-            if pred[j] != label or fit[j] < best[1]:
-                best = (pop[j].copy(), float(fit[j]), int(pred[j]))
+        if stale >= config.patience:
+            best, stale = _hop(search, pop, fit, pred, best), 0
     p, f, c = best
     return SearchResult(x=int(p[1]), y=int(p[0]), alpha=float(p[2]), success=c != label,
-                        queries=counter.queries - start_queries, true_prob=f, predicted=c)
+                        queries=search.used(), true_prob=f, predicted=c)

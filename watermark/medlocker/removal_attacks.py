@@ -15,23 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from watermark.imageio import from_uint8_hwc, to_uint8_hwc
+
 
 def _check(images: Tensor) -> None:
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"images must be a B x C x H x W tensor with C in (1, 3), got {shape}")
-
-
-def _to_uint8_hwc(img: Tensor) -> np.ndarray:
-    """C x H x W float [0, 1] -> H x W x C uint8 (round half up)."""
-    a = img.detach().to("cpu", torch.float64).clamp(0, 1).permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(np.floor(a * 255.0 + 0.5).astype(np.uint8))
-
-
-def _from_uint8_hwc(a: np.ndarray, like: Tensor) -> Tensor:
-    if a.ndim == 2:
-        a = a[..., None]
-    return torch.from_numpy(a.astype(np.float32) / 255.0).permute(2, 0, 1).to(like.device, like.dtype)
 
 
 def median_filter(images: Tensor, k: int = 3) -> Tensor:
@@ -55,7 +45,7 @@ def jpeg(images: Tensor, quality: int = 75) -> Tensor:
         raise ValueError(f"quality must be an integer in 1..100, got {quality}")
     out = []
     for img in images:
-        a = _to_uint8_hwc(img)
+        a = to_uint8_hwc(img)
         # OpenCV codecs assume BGR; swap so chroma subsampling acts on the true colour channels.
         a = cv2.cvtColor(a, cv2.COLOR_RGB2BGR) if a.shape[2] == 3 else a[..., 0]
         ok, buf = cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
@@ -64,7 +54,7 @@ def jpeg(images: Tensor, quality: int = 75) -> Tensor:
         flag = cv2.IMREAD_COLOR if a.ndim == 3 else cv2.IMREAD_GRAYSCALE
         d = cv2.imdecode(buf, flag)
         d = cv2.cvtColor(d, cv2.COLOR_BGR2RGB) if d.ndim == 3 else d
-        out.append(_from_uint8_hwc(d, images))
+        out.append(from_uint8_hwc(d, images))
     return torch.stack(out)
 
 
@@ -100,9 +90,9 @@ def inpaint_footprint(images: Tensor, footprint, radius: int = 3, method: str = 
     for b in range(B):
         if not fp[b].any():
             continue
-        a = _to_uint8_hwc(images[b])
+        a = to_uint8_hwc(images[b])
         filled = cv2.inpaint(a if C == 3 else a[..., 0], fp[b].astype(np.uint8) * 255, float(radius), flags[method])
-        filled_t = _from_uint8_hwc(filled, images)
+        filled_t = from_uint8_hwc(filled, images)
         m = torch.from_numpy(fp[b].copy()).to(images.device)
         out[b] = torch.where(m.unsqueeze(0), filled_t, images[b])
     return out
