@@ -4,7 +4,9 @@ The model and the loss terms are given as *configs* (``backbone``, ``loss`` grou
 built here, so a checkpoint carries everything needed to rebuild its module:
 ``Module.load_from_checkpoint(path)`` works without Hydra. The total loss is
 ``sum(term.weight * term(outputs, batch))`` and every term is logged on its own as
-``<stage>/loss/<name>``; callbacks may change ``term.weight`` while training.
+``<stage>/loss/<name>``; callbacks may change ``term.weight`` while training. A module may
+give a term only some rows of the batch (:meth:`ObjectiveModule.loss_rows`, e.g. StealthMark's
+key samples) and choose the terms summed by default (:meth:`ObjectiveModule.default_loss_terms`).
 
 Speed options (``configs/speed``: ``channels_last``, ``compile``) are applied when a Trainer
 sets the module up (:meth:`ObjectiveModule.configure_model`); they are runtime choices, not
@@ -52,6 +54,25 @@ def build_loss_terms(loss: dict | DictConfig | None) -> nn.ModuleDict:
     if not terms:
         raise ValueError("no loss terms configured (the `loss` config group is empty)")
     return terms
+
+
+def _batch_size(batch: dict[str, Any]) -> int | None:
+    return len(batch["image"]) if "image" in batch else None
+
+
+def select_rows(data: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """Sub-batch: tensors (and lists) whose first dimension is the batch, indexed by bool ``rows`` (B)."""
+    size = int(rows.shape[0])
+    index = rows.nonzero(as_tuple=True)[0]
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            out[name] = value[rows]
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            out[name] = [value[i] for i in index.tolist()]
+        else:
+            out[name] = value
+    return out
 
 
 class ObjectiveModule(LightningModule):
@@ -153,25 +174,44 @@ class ObjectiveModule(LightningModule):
     def loss_weights(self) -> dict[str, float]:
         return {name: term.weight for name, term in self.loss_terms.items()}
 
+    def default_loss_terms(self) -> list[str] | None:
+        """Names of the terms :meth:`compute_loss` sums when the caller names none; None = all."""
+        return None
+
+    def loss_rows(self, name: str, term: LossTerm, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Rows of the batch the term ``name`` sees: a B bool mask, or None for all rows (default).
+
+        A term whose mask selects no row is skipped (neither summed nor logged).
+        """
+        return None
+
     def compute_loss(
         self, outputs: dict[str, Any], batch: dict[str, Any], stage: str, terms: list[str] | None = None
     ) -> torch.Tensor:
-        """Weighted sum of the (selected) terms; logs each term and the total."""
-        batch_size = len(batch["image"]) if "image" in batch else None
+        """Weighted sum of the (selected) terms, each on its rows (:meth:`loss_rows`); logs each term and the total."""
+        if terms is None:
+            terms = self.default_loss_terms()
         total = None
         for name, term in self.loss_terms.items():
             if terms is not None and name not in terms:
                 continue
             if term.weight == 0.0:
                 continue
-            value = term(outputs, batch)
+            rows = self.loss_rows(name, term, batch)
+            if rows is None:
+                term_outputs, term_batch = outputs, batch
+            elif bool(rows.any()):
+                term_outputs, term_batch = select_rows(outputs, rows), select_rows(batch, rows)
+            else:
+                continue
+            value = term(term_outputs, term_batch)
             self.log(f"{stage}/loss/{name}", value.detach(), on_step=stage == "train", on_epoch=True,
-                     batch_size=batch_size, sync_dist=stage != "train")
+                     batch_size=_batch_size(term_batch), sync_dist=stage != "train")
             total = term.weight * value if total is None else total + term.weight * value
         if total is None:
-            raise ValueError(f"every loss term has weight 0 at stage {stage}")
+            raise ValueError(f"every loss term has weight 0 (or no rows) at stage {stage}")
         self.log(f"{stage}/loss", total.detach(), on_step=stage == "train", on_epoch=True, prog_bar=True,
-                 batch_size=batch_size, sync_dist=stage != "train")
+                 batch_size=_batch_size(batch), sync_dist=stage != "train")
         return total
 
     def on_train_epoch_start(self) -> None:

@@ -39,11 +39,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
 
 from lightning_modules.base import to_plain
 from lightning_modules.metrics import build_metrics
 from lightning_modules.task import TaskModule
+from losses.base import LossTerm
 from losses.uncertainty import KeySampleTerm
 from watermark.stealthmark.explain import otsu_threshold, uncertainty_score
 from watermark.stealthmark.grid import apply_cell_mask, cell_means, upsample_cells
@@ -64,22 +64,6 @@ _CONFIG_FIELDS = {
     "key.hide_value": "method.hide_value",
     "key.epsilon": "method.epsilon",
 }
-
-
-
-def select_rows(data: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """Sub-batch: tensors (and lists) whose first dimension is the batch, indexed by bool ``rows``."""
-    size = int(rows.shape[0])
-    index = rows.nonzero(as_tuple=True)[0]
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-            out[name] = value[rows]
-        elif isinstance(value, (list, tuple)) and len(value) == size:
-            out[name] = [value[i] for i in index.tolist()]
-        else:
-            out[name] = value
-    return out
 
 
 class StealthMarkModule(TaskModule):
@@ -271,38 +255,17 @@ class StealthMarkModule(TaskModule):
         )
         return out
 
-    def compute_loss(
-        self, outputs: dict[str, Any], batch: dict[str, Any], stage: str, terms: list[str] | None = None
-    ) -> torch.Tensor:
-        """Weighted sum of the terms, key-sample terms on key rows and task terms on the rest.
+    def loss_rows(self, name: str, term: LossTerm, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Key-sample terms see the key rows, every other term the clean and negative rows.
 
         Evaluation batches carry no ``key_sample``: all rows are task rows and key-sample terms
         are skipped, so ``val/loss`` is the task loss on clean images (comparable to ``method=task``).
         """
+        is_key = isinstance(term, KeySampleTerm)
         flags = batch.get("key_sample")
-        if flags is None:
-            flags = torch.zeros(len(batch["image"]), dtype=torch.bool, device=batch["image"].device)
-        groups = {True: flags, False: ~flags}
-        subsets: dict[bool, tuple[dict, dict] | None] = {}
-        for is_key, rows in groups.items():
-            subsets[is_key] = (select_rows(outputs, rows), select_rows(batch, rows)) if bool(rows.any()) else None
-        total = None
-        for name, term in self.loss_terms.items():
-            if terms is not None and name not in terms:
-                continue
-            is_key = isinstance(term, KeySampleTerm)
-            if term.weight == 0.0 or subsets[is_key] is None:
-                continue
-            sub_outputs, sub_batch = subsets[is_key]
-            value = term(sub_outputs, sub_batch)
-            self.log(f"{stage}/loss/{name}", value.detach(), on_step=stage == "train", on_epoch=True,
-                     batch_size=len(sub_batch["image"]), sync_dist=stage != "train")
-            total = term.weight * value if total is None else total + term.weight * value
-        if total is None:
-            raise ValueError(f"every loss term has weight 0 (or no rows) at stage {stage}")
-        self.log(f"{stage}/loss", total.detach(), on_step=stage == "train", on_epoch=True, prog_bar=True,
-                 batch_size=len(batch["image"]), sync_dist=stage != "train")
-        return total
+        if flags is None:  # an evaluation batch
+            return torch.zeros(len(batch["image"]), dtype=torch.bool, device=batch["image"].device) if is_key else None
+        return flags if is_key else ~flags
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         mixed = self.key_batch(batch)
