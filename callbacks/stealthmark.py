@@ -27,12 +27,12 @@ from watermark.stealthmark import explain
 from watermark.stealthmark.kit import (
     build_model_certificate,
     build_secret,
-    file_sha256,
     sample_list_sha256,
     weights_sha256,
     write_certificate,
     write_secret,
 )
+from watermark.kit_io import file_sha256
 from watermark.stealthmark.qr import bit_accuracy, decode_with_repair
 from watermark.stats import paired_margin_test
 from watermark.stealthmark.evidence import quiet_lime, readout

@@ -38,7 +38,6 @@ pass it as ``error=`` so their callers keep catching what they caught before.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import keyword
@@ -55,6 +54,7 @@ from models.classification import build_timm_classifier
 from models.generator import build_generator
 from models.sam import build_sam_model
 from models.segmentation import build_smp_model
+from watermark.kit_io import file_sha256  # re-exported: a model file's identity in reports
 
 __all__ = [
     "FACTORIES",
@@ -98,15 +98,6 @@ PRETRAINED_OFF: Mapping[str, Any] = MappingProxyType({
 HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 _SCALARS = (str, int, float, bool, type(None))
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 (64 chars) of a file's bytes (a model file's identity in reports)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading

@@ -45,11 +45,11 @@ from verification.adapters import (
 from verification.export import export
 from verification.report_html import write_html_report
 from watermark import certificates
+from watermark.kit_io import file_sha256
 from watermark.stealthmark.kit import (
     StealthMarkKey,
     build_model_certificate,
     build_secret,
-    file_sha256,
     weights_sha256,
     write_certificate,
     write_secret,

@@ -27,7 +27,6 @@ Framework-free: imports no Lightning.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,21 @@ from typing import Any
 import numpy as np
 
 from watermark import certificates
+from watermark.kit_io import (
+    OwnerKitError,
+    canonical_json,
+    certificate_envelope,
+    check_header,
+    document_sha256,
+    plain,
+    read_json_document,
+    require_alpha,
+    require_data_config,
+    require_fields,
+    require_type,
+    sign_and_save_certificate,
+    write_json_secret,
+)
 from watermark.stealthmark.grid import GridSpec
 from watermark.stealthmark.qr import EC_LEVELS, grid_size, qr_modules
 from watermark.stealthmark.triggers import TRIGGERS, Trigger, build_trigger, trigger_fits_quiet_zone
@@ -45,34 +59,6 @@ from watermark.stealthmark.triggers import TRIGGERS, Trigger, build_trigger, tri
 SECRET_FORMAT = "medmark-stealthmark-secret"
 SECRET_VERSION = 1
 METHOD = "stealthmark"
-
-
-class OwnerKitError(ValueError):
-    """A malformed owner-kit file; the message names the file and the field."""
-
-    def __init__(self, path: str | os.PathLike | None, field: str | None, problem: str):
-        self.path = None if path is None else str(path)
-        self.field = field
-        self.problem = problem
-        where = self.path or "owner kit"
-        message = f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}"
-        super().__init__(message)
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Sorted-key, compact, ASCII JSON (NaN rejected): the bytes every hash here is taken over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
-
-
-def plain(value: Any) -> Any:
-    """Numpy scalars / tuples -> JSON types (configs hand over tuples and numpy numbers)."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # ----------------------------------------------------------------------------- the key
@@ -261,18 +247,6 @@ class StealthMarkKey:
         return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
 
 
-def require_type(value: Any, name: str, types: type | tuple[type, ...], path: str | os.PathLike | None) -> None:
-    """Type check with JSON-friendly naming; ``bool`` never passes for a number."""
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
-        names = " or ".join("object" if t is Mapping else t.__name__ for t in types)
-        raise OwnerKitError(path, name, f"must be {names}, got {type(value).__name__}")
-
-
 # ----------------------------------------------------------------------------- secret.json
 
 
@@ -319,39 +293,21 @@ def validate_secret(doc: Any, path: str | os.PathLike | None = None) -> StealthM
     Raises:
         OwnerKitError: naming ``path`` and the first field at fault.
     """
-    if not isinstance(doc, Mapping):
-        raise OwnerKitError(path, None, f"must contain a JSON object, got {type(doc).__name__}")
-    for name, types in (("format", str), ("version", int), ("method", str), ("key", Mapping),
-                        ("verification", Mapping), ("thresholds", Mapping), ("model", Mapping), ("created_at", str)):
-        if name not in doc:
-            raise OwnerKitError(path, name, "is missing")
-        require_type(doc[name], name, types, path)
-    if doc["format"] != SECRET_FORMAT:
-        raise OwnerKitError(path, "format",
-                            f"must be {SECRET_FORMAT!r} (not a StealthMark secret?), got {doc['format']!r}")
-    if doc["version"] != SECRET_VERSION:
-        raise OwnerKitError(path, "version", f"{doc['version']} is not supported (this code reads {SECRET_VERSION})")
-    if doc["method"] != METHOD:
-        raise OwnerKitError(path, "method", f"must be {METHOD!r}, got {doc['method']!r}")
+    check_header(doc, path, (("format", str), ("version", int), ("method", str), ("key", Mapping),
+                             ("verification", Mapping), ("thresholds", Mapping), ("model", Mapping),
+                             ("created_at", str)), SECRET_FORMAT, SECRET_VERSION, METHOD, "a StealthMark secret")
     key = StealthMarkKey.from_dict(doc["key"], path)
 
     ver = doc["verification"]
-    for name, types in (("split", str), ("ids", list), ("data", Mapping)):
-        if name not in ver:
-            raise OwnerKitError(path, f"verification.{name}", "is missing")
-        require_type(ver[name], f"verification.{name}", types, path)
+    require_fields(ver, (("split", str), ("ids", list), ("data", Mapping)), path, "verification.")
     if not all(isinstance(i, str) for i in ver["ids"]):
         raise OwnerKitError(path, "verification.ids", "must be a list of strings")
-    if "_target_" not in ver["data"]:
-        raise OwnerKitError(path, "verification.data._target_", "is missing (a data-module config is expected)")
+    require_data_config(ver, path)
 
     th = doc["thresholds"]
-    for name, types in (("alpha", (int, float)), ("response_margin", (int, float)), ("min_decoded", int)):
-        if name not in th:
-            raise OwnerKitError(path, f"thresholds.{name}", "is missing")
-        require_type(th[name], f"thresholds.{name}", types, path)
-    if not 0.0 < th["alpha"] < 1.0:
-        raise OwnerKitError(path, "thresholds.alpha", f"must be in (0, 1), got {th['alpha']}")
+    require_fields(th, (("alpha", (int, float)), ("response_margin", (int, float)), ("min_decoded", int)), path,
+                   "thresholds.")
+    require_alpha(th, path)
     if th["response_margin"] < 0:
         raise OwnerKitError(path, "thresholds.response_margin", f"must be >= 0, got {th['response_margin']}")
     if th["min_decoded"] < 1:
@@ -365,14 +321,13 @@ def validate_secret(doc: Any, path: str | os.PathLike | None = None) -> StealthM
 
 def secret_sha256(doc: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a whole secret document."""
-    return hashlib.sha256(canonical_json(plain(dict(doc)))).hexdigest()
+    return document_sha256(doc)
 
 
 def write_secret(path: str | os.PathLike, doc: Mapping[str, Any]) -> Path:
     """Validate and write ``secret.json`` readable by the owner only (0o600)."""
     validate_secret(doc, path)
-    data = (json.dumps(plain(dict(doc)), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-    return certificates.write_secret_file(path, data)
+    return write_json_secret(path, doc)
 
 
 def read_secret(path: str | os.PathLike) -> tuple[dict, StealthMarkKey]:
@@ -381,29 +336,12 @@ def read_secret(path: str | os.PathLike) -> tuple[dict, StealthMarkKey]:
     Raises:
         OwnerKitError: missing/unreadable file, invalid JSON, or a bad field (all named).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise OwnerKitError(p, None, "file not found (expected the owner kit's secret.json)")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise OwnerKitError(p, None, f"unreadable ({type(err).__name__}: {err})") from None
-    except json.JSONDecodeError as err:
-        raise OwnerKitError(p, None, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    key = validate_secret(doc, p)
+    doc = read_json_document(path, "the owner kit's secret.json")
+    key = validate_secret(doc, Path(path))
     return doc, key
 
 
 # ----------------------------------------------------------------------------- hashes
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(state_dict: Mapping[str, Any]) -> str:
@@ -444,26 +382,13 @@ def build_model_certificate(
     * ``model`` -- ``{"weights_sha256", "checkpoint_sha256", "checkpoint"}``;
     * ``dataset`` -- ``{"layout", "num_train", "samples_sha256"}``.
     """
-    if not isinstance(owner_id, str) or not owner_id:
-        raise OwnerKitError(None, "owner_id", "must be a non-empty string")
-    return {
-        "format": certificates.CERT_FORMAT,
-        "version": certificates.CERT_VERSION,
-        "owner_id": owner_id,
-        "method": METHOD,
-        "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "entries": [],
-        "secret_sha256": secret_sha256(secret_doc),
-        "key_sha256": key.sha256(),
-        "model": plain(dict(model)),
-        "dataset": plain(dict(dataset)),
-    }
+    return {**certificate_envelope(owner_id, METHOD, secret_doc, created_at),
+            "key_sha256": key.sha256(), "model": plain(dict(model)), "dataset": plain(dict(dataset))}
 
 
 def write_certificate(path: str | os.PathLike, cert: Mapping[str, Any], private_key) -> Path:
     """Sign ``cert`` with the owner's Ed25519 key (object, PEM bytes or file) and write it."""
-    signed = certificates.sign_certificate(dict(cert), private_key)
-    return certificates.save_certificate(path, signed)
+    return sign_and_save_certificate(path, cert, private_key)
 
 
 def read_certificate(path: str | os.PathLike) -> dict:
@@ -477,11 +402,8 @@ def read_certificate(path: str | os.PathLike) -> dict:
         raise OwnerKitError(p, None, str(err)) from None
     if not isinstance(cert, dict):
         raise OwnerKitError(p, None, f"must contain a JSON object, got {type(cert).__name__}")
-    for name, types in (("owner_id", str), ("method", str), ("secret_sha256", str), ("key_sha256", str),
-                        ("model", Mapping), ("dataset", Mapping), ("signature", str)):
-        if name not in cert:
-            raise OwnerKitError(p, name, "is missing")
-        require_type(cert[name], name, types, p)
+    require_fields(cert, (("owner_id", str), ("method", str), ("secret_sha256", str), ("key_sha256", str),
+                          ("model", Mapping), ("dataset", Mapping), ("signature", str)), p)
     if cert["method"] != METHOD:
         raise OwnerKitError(p, "method", f"must be {METHOD!r}, got {cert['method']!r}")
     return cert

@@ -22,22 +22,33 @@ test to pass and the references' to fail). The file is written 0o600.
 method, SHA-256 of the secret document, of the generator file and of the released dataset's
 file list, and the time -- it commits to the secret without revealing it.
 
-Every reader raises :class:`watermark.stealthmark.kit.OwnerKitError` naming the file and field.
+Every reader raises :class:`watermark.kit_io.OwnerKitError` naming the file and field.
 Framework-free: no Lightning, no models.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from watermark import certificates
-from watermark.stealthmark.kit import OwnerKitError, canonical_json, file_sha256, plain, require_type
+from watermark.kit_io import (
+    OwnerKitError,
+    certificate_envelope,
+    check_header,
+    document_sha256,
+    file_sha256,
+    plain,
+    read_json_document,
+    require_alpha,
+    require_data_config,
+    require_fields,
+    sign_and_save_certificate,
+    write_json_secret,
+)
 
 SECRET_FORMAT = "medmark-xmark-secret"
 SECRET_VERSION = 1
@@ -86,49 +97,27 @@ def validate_xmark_secret(doc: Any, path: str | os.PathLike | None = None) -> di
     Raises:
         OwnerKitError: naming ``path`` and the first field at fault.
     """
-    if not isinstance(doc, Mapping):
-        raise OwnerKitError(path, None, f"must contain a JSON object, got {type(doc).__name__}")
-    for name, types in (("format", str), ("version", int), ("method", str), ("target_class", int),
-                        ("classes", list), ("marker", Mapping), ("verification", Mapping),
-                        ("thresholds", Mapping), ("m", int), ("release", Mapping), ("control", Mapping),
-                        ("created_at", str)):
-        if name not in doc:
-            raise OwnerKitError(path, name, "is missing")
-        require_type(doc[name], name, types, path)
-    if doc["format"] != SECRET_FORMAT:
-        raise OwnerKitError(path, "format", f"must be {SECRET_FORMAT!r} (not an X-Mark secret?), got {doc['format']!r}")
-    if doc["version"] != SECRET_VERSION:
-        raise OwnerKitError(path, "version", f"{doc['version']} is not supported (this code reads {SECRET_VERSION})")
-    if doc["method"] != METHOD:
-        raise OwnerKitError(path, "method", f"must be {METHOD!r}, got {doc['method']!r}")
+    check_header(doc, path, (("format", str), ("version", int), ("method", str), ("target_class", int),
+                             ("classes", list), ("marker", Mapping), ("verification", Mapping),
+                             ("thresholds", Mapping), ("m", int), ("release", Mapping), ("control", Mapping),
+                             ("created_at", str)), SECRET_FORMAT, SECRET_VERSION, METHOD, "an X-Mark secret")
     if len(doc["classes"]) < 2 or not all(isinstance(c, str) for c in doc["classes"]):
         raise OwnerKitError(path, "classes", "must be a list of at least two class names")
     if not 0 <= doc["target_class"] < len(doc["classes"]):
         raise OwnerKitError(path, "target_class", f"must index classes (0..{len(doc['classes']) - 1}), "
                                                   f"got {doc['target_class']}")
     marker = doc["marker"]
-    for name, types in (("checkpoint", str), ("sha256", str), ("image_size", int)):
-        if name not in marker:
-            raise OwnerKitError(path, f"marker.{name}", "is missing")
-        require_type(marker[name], f"marker.{name}", types, path)
+    require_fields(marker, (("checkpoint", str), ("sha256", str), ("image_size", int)), path, "marker.")
     if marker["image_size"] < 8:
         raise OwnerKitError(path, "marker.image_size", f"must be >= 8 pixels, got {marker['image_size']}")
     ver = doc["verification"]
-    for name, types in (("split", str), ("ids", list), ("seed", int), ("data", Mapping)):
-        if name not in ver:
-            raise OwnerKitError(path, f"verification.{name}", "is missing")
-        require_type(ver[name], f"verification.{name}", types, path)
+    require_fields(ver, (("split", str), ("ids", list), ("seed", int), ("data", Mapping)), path, "verification.")
     if len(ver["ids"]) < 2 or not all(isinstance(i, str) for i in ver["ids"]):
         raise OwnerKitError(path, "verification.ids", "must be a list of at least two image ids (strings)")
-    if "_target_" not in ver["data"]:
-        raise OwnerKitError(path, "verification.data._target_", "is missing (a data-module config is expected)")
+    require_data_config(ver, path)
     th = doc["thresholds"]
-    for name in ("tau", "alpha"):
-        if name not in th:
-            raise OwnerKitError(path, f"thresholds.{name}", "is missing")
-        require_type(th[name], f"thresholds.{name}", (int, float), path)
-    if not 0.0 < th["alpha"] < 1.0:
-        raise OwnerKitError(path, "thresholds.alpha", f"must be in (0, 1), got {th['alpha']}")
+    require_fields(th, (("tau", (int, float)), ("alpha", (int, float))), path, "thresholds.")
+    require_alpha(th, path)
     if not 0.0 <= th["tau"] < 1.0:
         raise OwnerKitError(path, "thresholds.tau", f"must be in [0, 1), got {th['tau']}")
     if doc["m"] != len(ver["ids"]):
@@ -138,14 +127,13 @@ def validate_xmark_secret(doc: Any, path: str | os.PathLike | None = None) -> di
 
 def secret_sha256(doc: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a whole secret document (what logs/reports carry)."""
-    return hashlib.sha256(canonical_json(plain(dict(doc)))).hexdigest()
+    return document_sha256(doc)
 
 
 def write_xmark_secret(path: str | os.PathLike, doc: Mapping[str, Any]) -> Path:
     """Validate and write ``secret.json`` readable by the owner only (0o600)."""
     validate_xmark_secret(doc, path)
-    data = (json.dumps(plain(dict(doc)), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-    return certificates.write_secret_file(path, data)
+    return write_json_secret(path, doc)
 
 
 def read_xmark_secret(path: str | os.PathLike) -> dict:
@@ -154,16 +142,7 @@ def read_xmark_secret(path: str | os.PathLike) -> dict:
     Raises:
         OwnerKitError: missing/unreadable file, invalid JSON, or a bad field (all named).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise OwnerKitError(p, None, "file not found (expected the owner kit's secret.json)")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise OwnerKitError(p, None, f"unreadable ({type(err).__name__}: {err})") from None
-    except json.JSONDecodeError as err:
-        raise OwnerKitError(p, None, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    return validate_xmark_secret(doc, p)
+    return validate_xmark_secret(read_json_document(path, "the owner kit's secret.json"), Path(path))
 
 
 def marker_path(doc: Mapping[str, Any], secret_path: str | os.PathLike) -> Path:
@@ -191,22 +170,10 @@ def build_xmark_certificate(
     ``secret_sha256``, ``marker_sha256`` (the generator file) and ``dataset``
     (``{"layout", "files_sha256", "num_files"}`` of the released folder).
     """
-    if not isinstance(owner_id, str) or not owner_id:
-        raise OwnerKitError(None, "owner_id", "must be a non-empty string")
-    return {
-        "format": certificates.CERT_FORMAT,
-        "version": certificates.CERT_VERSION,
-        "owner_id": owner_id,
-        "method": METHOD,
-        "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "entries": [],
-        "secret_sha256": secret_sha256(secret_doc),
-        "marker_sha256": str(marker_sha256),
-        "dataset": plain(dict(dataset)),
-    }
+    return {**certificate_envelope(owner_id, METHOD, secret_doc, created_at),
+            "marker_sha256": str(marker_sha256), "dataset": plain(dict(dataset))}
 
 
 def write_xmark_certificate(path: str | os.PathLike, cert: Mapping[str, Any], private_key) -> Path:
     """Sign ``cert`` with the owner's Ed25519 key (object, PEM bytes or file) and write it."""
-    signed = certificates.sign_certificate(dict(cert), private_key)
-    return certificates.save_certificate(path, signed)
+    return sign_and_save_certificate(path, cert, private_key)
