@@ -157,11 +157,12 @@ def other_xmark_generator(doc: dict, secret_path: Path, out: Path, seed: int) ->
     """A generator of the owner's architecture with fresh random weights (another owner's mark)."""
     import torch
 
-    from lightning_modules.xmark import XMarkMarker
+    from models.xmark_marker import load_marker
+    from watermark.xmark.marker import XMarkMarker
     from models.generator import ConditionalUNetGenerator
     from watermark.xmark.kit import marker_path
 
-    marker = XMarkMarker.load(marker_path(doc, secret_path))
+    marker = load_marker(marker_path(doc, secret_path))
     torch.manual_seed(seed)
     generator = ConditionalUNetGenerator(**marker.generator_config)
     other = XMarkMarker(generator, marker.surrogate, marker.generator_config, marker.surrogate_config,

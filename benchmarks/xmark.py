@@ -5,7 +5,7 @@
    generator term's value + its own backward (``retain_graph``), then the optimiser step;
    plus the proxy-Mal CE step that precedes it. Median over ``--steps`` repetitions after
    ``--warmup`` untimed ones.
-2. Marking throughput (images/s): :func:`lightning_modules.xmark.mark_native` on 8-bit
+2. Marking throughput (images/s): :func:`watermark.xmark.marker.mark_native` on 8-bit
    images of the native size (resize, EigenCAM, G, up-sampling, exact rounding), as the
    release does per file; and batched ``XMarkMarker.mark`` on tensors.
 3. Verification time for m = ``--m`` (default 100) non-target images: marking them,
@@ -34,7 +34,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 import utils.resolvers  # noqa: E402,F401
-from lightning_modules.xmark import mark_native, quantise, query_pairs  # noqa: E402
+from watermark.imageio import quantise  # noqa: E402
+from watermark.xmark.marker import mark_native, query_pairs  # noqa: E402
 from watermark.xmark.stats import xmark_test  # noqa: E402
 
 

@@ -26,6 +26,16 @@ def _show(ax, image: torch.Tensor, title: str, cmap: str | None = None) -> None:
     ax.axis("off")
 
 
+def save_and_log_figure(trainer: Trainer, fig, path: Path, key: str, dpi: int) -> None:
+    """Save ``fig`` as PNG at ``path`` (folders created), close it, and send the file to W&B under ``key``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+
+
 def render_panel(panel: dict, task: str, class_names: list[str] | None = None):
     """A matplotlib figure of the module's ``panel`` dict (see TaskModule)."""
     images = panel["image"]
@@ -63,9 +73,4 @@ class ValidationPanels(Callback):
         classes = getattr(trainer.datamodule, "classes", None) if trainer.datamodule else None
         fig = render_panel(panel, pl_module.task, classes)
         path = self.output_dir / "figures" / f"val_panel_epoch{trainer.current_epoch:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/panel", images=[str(path)], step=trainer.global_step)
+        save_and_log_figure(trainer, fig, path, "val/panel", dpi=80)

@@ -41,15 +41,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: E402
 
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
-from verification.suspect import SuspectError, build_suspect_model  # noqa: E402
-from lightning_modules.xmark import mark_native, marker_sha256, quantise, query_pairs  # noqa: E402
+from callbacks.figures import save_and_log_figure  # noqa: E402
+from models.safe_reader import ModelFileError, load_model_checkpoint  # noqa: E402
+from watermark.imageio import quantise  # noqa: E402
+from watermark.xmark.marker import mark_native, marker_sha256, query_pairs  # noqa: E402
 from watermark import certificates  # noqa: E402
 from watermark.xmark.kit import (  # noqa: E402
     build_xmark_certificate,
@@ -99,12 +100,7 @@ class XMarkPanels(Callback):
             return
         fig = xmark_panel_figure(panel)
         path = self.output_dir / "figures" / f"xmark_panel_epoch{trainer.current_epoch:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/xmark_panel", images=[str(path)], step=trainer.global_step)
+        save_and_log_figure(trainer, fig, path, "val/xmark_panel", dpi=90)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -186,8 +182,8 @@ class XMarkRelease(Callback):
                      len(models) - 1, type(models[-1]).__name__, seed, epochs, time.time() - started)
         for i, path in enumerate(self.control_checkpoints):
             try:
-                model, _ = build_suspect_model(path, task="classification")
-            except SuspectError as err:
+                model, _ = load_model_checkpoint(path, task="classification")
+            except ModelFileError as err:
                 raise ValueError(f"callbacks.xmark_release.control_checkpoints[{i}]: {err}") from None
             models.append(model.eval().requires_grad_(False))
         return models

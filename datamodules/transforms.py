@@ -3,11 +3,16 @@
 Images are ``tv_tensors.Image`` float C×H×W in [0, 1]; masks are ``tv_tensors.Mask``
 1×H×W. v2 applies geometric ops to both (nearest for masks) and photometric ops to the
 image only, so one pipeline serves segmentation and classification.
+
+:func:`random_rescale` is a batch augmentation on B×C×H×W tensors (differentiable): a
+random down/up-sampling, as a suspect pipeline that resizes its inputs would do.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torchvision.transforms import v2
 
 
@@ -39,3 +44,34 @@ def build_transforms(
             ops.append(v2.ColorJitter(brightness=brightness, contrast=contrast))
     ops.append(v2.ToDtype(torch.float32, scale=False))
     return v2.Compose(ops)
+
+
+def random_rescale(
+    x: Tensor,
+    scale_range: tuple[float, float] = (0.5, 1.0),
+    generator: torch.Generator | None = None,
+    mode: str = "bilinear",
+) -> Tensor:
+    """Down-sample by a random factor and up-sample back: a differentiable resize "attack".
+
+    One factor s ~ U(scale_range) per call (the whole batch), as a suspect pipeline that
+    resizes its inputs would do. x (B×C×H×W) -> resized to ``max(1, round(s·H)) ×
+    max(1, round(s·W))`` with anti-aliasing (like PIL's resize) -> back to H×W; output
+    B×C×H×W, clamped to [0, 1] (bicubic can overshoot). Gradients flow to x.
+
+    Args:
+        x: B×C×H×W in [0, 1].
+        scale_range: (low, high) with 0 < low ≤ high ≤ 1; (1, 1) returns x unchanged.
+        generator: torch generator for a reproducible factor (CPU generator).
+        mode: ``"bilinear"`` or ``"bicubic"``.
+    """
+    low, high = float(scale_range[0]), float(scale_range[1])
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high <= 1, got {scale_range}")
+    scale = low + (high - low) * float(torch.rand((), generator=generator))
+    height, width = x.shape[-2:]
+    small = (max(1, round(scale * height)), max(1, round(scale * width)))
+    if small == (height, width):
+        return x
+    down = F.interpolate(x, size=small, mode=mode, align_corners=False, antialias=True)
+    return F.interpolate(down, size=(height, width), mode=mode, align_corners=False).clamp(0.0, 1.0)

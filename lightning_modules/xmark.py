@@ -44,10 +44,7 @@ marked non-target images classified as y_t.
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,135 +53,17 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from datamodules.transforms import random_rescale
 from lightning_modules.base import to_plain
-from verification.suspect import SuspectError, build_suspect_model
 from lightning_modules.task import TaskModule
-from losses.xmark import LPIPSTerm, random_rescale
+from losses.perceptual import LPIPSTerm
 from models.generator import ConditionalUNetGenerator
-from models.safe_reader import ModelFileError, build_model, config_of, read_model_file, validate_kwargs
+from models.safe_reader import ModelFileError, load_model_checkpoint
+from watermark.imageio import quantise
+from watermark.xmark.marker import XMarkMarker
 from watermark.xmark.saliency import SaliencyCache, default_target_layer, eigencam_saliency
 
 log = logging.getLogger("medmark.xmark")
-
-MARKER_FORMAT = "medmark-xmark-marker"
-MARKER_VERSION = 1
-
-
-class MarkerError(ModelFileError):
-    """A marker (generator) file cannot be used; the message names the file and field."""
-
-
-# ------------------------------------------------------------------------------------ marker
-
-
-class XMarkMarker(nn.Module):
-    """What the owner keeps to mark images and to verify: G plus the surrogate that gives s.
-
-    ``mark(images)``: images B×C×H×W float in [0, 1] (at the generator's ``image_size``)
-    -> dict ``saliency`` B×1×H×W in [0, 1], ``delta`` B×C×H×W in [−ε, ε], ``marked``
-    B×C×H×W in [0, 1] (``clip(x + δ)``). Deterministic: GroupNorm generator, eval surrogate.
-
-    Saved by :meth:`save` as one ``torch.save`` dict of plain tensors/containers (read back
-    with ``weights_only=True``): generator config + state, surrogate backbone config + state.
-    """
-
-    def __init__(self, generator: ConditionalUNetGenerator, surrogate: nn.Module | None,
-                 generator_config: dict, surrogate_config: dict | None, image_size: int,
-                 sign_correction: bool = True) -> None:
-        super().__init__()
-        if generator.saliency_channels and surrogate is None:
-            raise ValueError("a saliency-conditioned generator needs its surrogate")
-        self.generator = generator.eval()
-        self.surrogate = surrogate.eval() if surrogate is not None else None
-        self.generator_config = dict(generator_config)
-        self.surrogate_config = dict(surrogate_config) if surrogate_config is not None else None
-        self.image_size = int(image_size)
-        self.sign_correction = bool(sign_correction)
-
-    @property
-    def epsilon(self) -> float:
-        return self.generator.epsilon
-
-    @torch.no_grad()
-    def saliency(self, images: Tensor) -> Tensor | None:
-        """EigenCAM of the surrogate's last conv block, B×1×H×W in [0, 1] (None if unconditioned)."""
-        if not self.generator.saliency_channels:
-            return None
-        return eigencam_saliency(self.surrogate, default_target_layer(self.surrogate), images, self.sign_correction)
-
-    @torch.no_grad()
-    def mark(self, images: Tensor, saliency: Tensor | None = None) -> dict[str, Tensor]:
-        self.eval()
-        if saliency is None:
-            saliency = self.saliency(images)
-        out = self.generator(images, saliency)
-        return {"saliency": saliency if saliency is not None else torch.zeros_like(images[:, :1]),
-                "delta": out["delta"], "marked": out["marked"]}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the marker file; returns its path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        bundle = {
-            "format": MARKER_FORMAT,
-            "version": MARKER_VERSION,
-            "image_size": self.image_size,
-            "sign_correction": self.sign_correction,
-            "generator_config": self.generator_config,
-            "generator_state": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()},
-            "surrogate_config": self.surrogate_config,
-            "surrogate_state": None if self.surrogate is None else
-            {k: v.detach().cpu() for k, v in self.surrogate.state_dict().items()},
-        }
-        buffer = io.BytesIO()
-        torch.save(bundle, buffer)
-        # The generator is the owner's secret: 0o600 from creation, written atomically.
-        from watermark.certificates import write_secret_file
-
-        return write_secret_file(path, buffer.getvalue())
-
-    @classmethod
-    def load(cls, path: str | Path, factories: tuple[str, ...] = ()) -> "XMarkMarker":
-        """Read a marker file written by :meth:`save`.
-
-        Read by :mod:`models.safe_reader` (``weights_only=True``): ``generator_config`` must be
-        plain keyword arguments of :class:`ConditionalUNetGenerator`, ``surrogate_config`` an
-        exact factory of the table (``factories`` only adds operator-trusted ones); nothing
-        nested is built and Hydra never sees the file.
-
-        Raises:
-            MarkerError: missing/corrupt file, wrong format, a refused config (untrusted factory,
-                nested or Hydra-special entry), or weights that do not fit their config (all named).
-        """
-        path = Path(path)
-        bundle = read_model_file(path, "marker (generator) file", MarkerError)
-        if bundle.get("format") != MARKER_FORMAT:
-            raise MarkerError(f"{path}: field 'format' must be {MARKER_FORMAT!r} (an X-Mark owner/generator.pt)")
-        if bundle.get("version") != MARKER_VERSION:
-            raise MarkerError(f"{path}: field 'version' {bundle.get('version')!r} is not supported")
-        generator_config = validate_kwargs(bundle.get("generator_config"), path, "generator_config", MarkerError)
-        try:
-            generator = ConditionalUNetGenerator(**generator_config)
-            generator.load_state_dict(bundle["generator_state"])
-        except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as err:
-            raise MarkerError(f"{path}: field 'generator_state' does not fit 'generator_config' "
-                              f"({type(err).__name__}: {str(err)[:300]})") from None
-        surrogate = None
-        config = bundle.get("surrogate_config")
-        if config is not None:
-            config = config_of(config, path, "surrogate_config", tuple(factories), error=MarkerError)
-            surrogate = build_model(config, path, "surrogate_config", tuple(factories), MarkerError)
-            try:
-                surrogate.load_state_dict(bundle["surrogate_state"])
-            except Exception as err:
-                raise MarkerError(f"{path}: field 'surrogate_state' does not fit 'surrogate_config' "
-                                  f"({type(err).__name__}: {str(err)[:300]})") from None
-        try:
-            return cls(generator, surrogate, generator_config, config, bundle["image_size"],
-                       bool(bundle.get("sign_correction", True)))
-        except (KeyError, ValueError, TypeError) as err:
-            raise MarkerError(f"{path}: {err}") from None
-
 
 def _no_pretrained(config: dict) -> dict:
     """A backbone config that never reads pretrained weights (the state dict follows)."""
@@ -195,11 +74,6 @@ def _no_pretrained(config: dict) -> dict:
     if "allow_random_init" in config:
         config["allow_random_init"] = True
     return config
-
-
-def quantise(images: Tensor) -> Tensor:
-    """Round [0, 1] pixels to the 8-bit grid a PNG stores (B×C×H×W -> same, multiples of 1/255)."""
-    return torch.round(images.clamp(0, 1) * 255) / 255
 
 
 # ------------------------------------------------------------------------------------ module
@@ -298,8 +172,8 @@ class XMarkModule(TaskModule):
         """A clean classification checkpoint via :mod:`models.safe_reader`; ``hparams["backbone"]``
         comes back validated (exact factory, scalar arguments), so rebuilding from it is safe."""
         try:
-            model, hparams = build_suspect_model(path, task="classification")
-        except SuspectError as err:
+            model, hparams = load_model_checkpoint(path, task="classification")
+        except ModelFileError as err:
             raise ValueError(f"method.{field}: {err}") from None
         if int(getattr(model, "num_classes", self.num_classes)) != self.num_classes:
             raise ValueError(f"method.{field}: {path} has {model.num_classes} classes, data.classes has {self.num_classes}")
@@ -382,10 +256,9 @@ class XMarkModule(TaskModule):
         return XMarkMarker(copy.deepcopy(self.generator).cpu().eval(), surrogate, self.hparams.generator,
                            self.surrogate_config, image_size, self.hparams.sign_correction)
 
-    def compute_loss(self, outputs: dict[str, Any], batch: dict[str, Any], stage: str,
-                     terms: list[str] | None = None) -> Tensor:
+    def default_loss_terms(self) -> list[str]:
         # Without an explicit selection (TaskModule's evaluation), only the proxy's task terms apply.
-        return super().compute_loss(outputs, batch, stage, list(self.hparams.proxy_terms) if terms is None else terms)
+        return list(self.hparams.proxy_terms)
 
     # -- training -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -514,75 +387,3 @@ class XMarkModule(TaskModule):
         if self.warming_up:
             # Before G learns there is no watermark to score; -1 keeps warm-up checkpoints last.
             self.log("val/xmark_score", -1.0)
-
-
-def marker_sha256(path: str | Path) -> str:
-    """SHA-256 of a marker file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-# ------------------------------------------------------------------------ marking & queries
-
-
-@torch.no_grad()
-def mark_native(marker: XMarkMarker, pixels: "np.ndarray", channels: int) -> "np.ndarray":
-    """Mark one image file's pixels at their native resolution, exactly within ε after 8-bit rounding.
-
-    Args:
-        marker: the released marker (G + surrogate).
-        pixels: H×W (grey) or H×W×3 uint8 array, as read from the source file.
-        channels: C the generator sees (1: grey; an RGB file gets the same δ on every channel).
-
-    The image is resized (antialiased bilinear, as the data module does) to the marker's
-    ``image_size``; δ is computed there, up-sampled (bilinear) back to H×W, added, and the
-    result rounded to uint8 with the integer difference clamped to ``floor(255·ε)``, so
-    ``max |x_w − x| ≤ ε`` holds exactly for the stored file. Returns an array of the same
-    shape and dtype as ``pixels``.
-    """
-    import numpy as np
-    from torchvision.transforms.v2 import functional as TF
-
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
-        raise ValueError(f"expected an H×W or H×W×3 uint8 image, got {pixels.dtype} {pixels.shape}")
-    native = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 255.0
-    native = native[None] if native.ndim == 2 else native.permute(2, 0, 1)
-    if channels == 1 and native.shape[0] == 3:
-        grey = (native * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-    elif channels == native.shape[0]:
-        grey = native
-    else:
-        raise ValueError(f"cannot mark a {native.shape[0]}-channel image with a {channels}-channel generator")
-    size = marker.image_size
-    x = TF.resize(grey, [size, size], antialias=True).clamp(0, 1)[None]
-    delta = marker.mark(x)["delta"][0]
-    if tuple(delta.shape[-2:]) != tuple(native.shape[-2:]):
-        delta = F.interpolate(delta[None], size=native.shape[-2:], mode="bilinear", align_corners=False)[0]
-    limit = int(np.floor(255.0 * marker.epsilon + 1e-9))
-    original = native * 255.0
-    steps = torch.round((native + delta).clamp(0, 1) * 255.0) - original  # delta broadcasts over RGB
-    marked = (original + steps.clamp(-limit, limit)).round().clamp(0, 255).to(torch.uint8)
-    out = marked[0] if pixels.ndim == 2 else marked.permute(1, 2, 0)
-    return out.numpy()
-
-
-@torch.no_grad()
-def query_pairs(predict, images: Tensor, marked: Tensor, target_class: int,
-                batch_size: int = 64) -> dict[str, "np.ndarray"]:
-    """Query a classifier on paired clean / marked images.
-
-    Args:
-        predict: ``predict(B×C×H×W [0, 1]) -> B×K probabilities``.
-        images, marked: N×C×H×W in [0, 1], paired by index.
-    Returns:
-        ``p_benign`` (N, P(y_t | x)), ``p_marked`` (N, P(y_t | x_w)), ``pred_marked`` (N, argmax
-        on x_w), ``pred_benign`` (N).
-    """
-    import numpy as np
-
-    outs = {"p_benign": [], "p_marked": [], "pred_benign": [], "pred_marked": []}
-    for start in range(0, len(images), batch_size):
-        for name, batch in (("benign", images[start:start + batch_size]), ("marked", marked[start:start + batch_size])):
-            probs = predict(batch).float()
-            outs[f"p_{name}"].append(probs[:, target_class].cpu())
-            outs[f"pred_{name}"].append(probs.argmax(1).cpu())
-    return {k: torch.cat(v).numpy().astype(np.float64 if k.startswith("p_") else np.int64) for k, v in outs.items()}

@@ -25,10 +25,11 @@ from PIL import Image
 
 from conftest import ROOT, compose_config
 from verification.suspect import CheckpointSuspect, SuspectError
-from lightning_modules.xmark import MarkerError, XMarkMarker, mark_native, query_pairs
+from models.xmark_marker import MarkerError, load_marker
+from watermark.xmark.marker import XMarkMarker, mark_native, query_pairs
 from models.classification import build_timm_classifier
 from models.generator import ConditionalUNetGenerator
-from watermark.stealthmark.kit import OwnerKitError
+from watermark.kit_io import OwnerKitError
 from watermark.xmark.kit import build_xmark_secret, read_xmark_secret, write_xmark_secret
 from watermark.xmark.stats import xmark_test
 
@@ -70,21 +71,21 @@ def test_marked_png_round_trip_stays_within_epsilon_exactly(tmp_path, epsilon, n
 def test_marker_file_round_trips_and_bad_files_are_named(tmp_path):
     marker = saturated_marker()
     path = marker.save(tmp_path / "generator.pt")
-    again = XMarkMarker.load(path)
+    again = load_marker(path)
     x = torch.rand(3, 1, 32, 32)
     a, b = marker.mark(x), again.mark(x)
     assert torch.equal(a["marked"], b["marked"]) and a["saliency"].shape == (3, 1, 32, 32)
     assert a["delta"].abs().max() <= marker.epsilon and not torch.equal(a["marked"], x)
     with pytest.raises(MarkerError, match="not_there.pt"):
-        XMarkMarker.load(tmp_path / "not_there.pt")
+        load_marker(tmp_path / "not_there.pt")
     torch.save({"format": "something-else"}, tmp_path / "foreign.pt")
     with pytest.raises(MarkerError, match="foreign.pt.*'format'"):
-        XMarkMarker.load(tmp_path / "foreign.pt")
+        load_marker(tmp_path / "foreign.pt")
     bundle = torch.load(path, weights_only=True)
     bundle["surrogate_config"]["_target_"] = "os.system"
     torch.save(bundle, tmp_path / "evil.pt")
     with pytest.raises(MarkerError, match="surrogate_config._target_"):
-        XMarkMarker.load(tmp_path / "evil.pt")
+        load_marker(tmp_path / "evil.pt")
 
 
 def _secret(**changes) -> dict:

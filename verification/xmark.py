@@ -1,4 +1,4 @@
-"""X-Mark verification protocol behind ``verify.py`` (METHODS.md §2, step 5; black box).
+"""X-Mark verification protocol behind ``verify.py`` (docs/xmark.md, verification; black box).
 
     python verify.py secret=<run>/owner/secret.json suspect=<classifier.ckpt> out=<dir>
     python verify.py ... verify.watermark=<other run>/owner/generator.pt   # Ind-W: another generator
@@ -25,7 +25,6 @@ exploratory -- from the per-image probabilities the kit stores (``control.<name>
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -42,18 +41,21 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
 from verification.adapters import open_suspect, suspect_label, suspect_record  # noqa: E402
 from verification.suspect import CheckpointSuspect  # noqa: E402
-from lightning_modules.xmark import XMarkMarker, marker_sha256, quantise, query_pairs  # noqa: E402
-from verification.report_html import write_html_report  # noqa: E402
-from verification.attacks import apply_attack  # noqa: E402
+from models.xmark_marker import load_marker  # noqa: E402
+from watermark.imageio import quantise  # noqa: E402
+from watermark.xmark.marker import XMarkMarker, marker_sha256, query_pairs  # noqa: E402
+from verification.attacks import apply_attack, task_quality  # noqa: E402
+from verification.reports import announce_verdict, write_report  # noqa: E402
 from verification.protocols import (  # noqa: E402
     BadInput,
+    ThresholdRules,
     apply_threshold_overrides,
     data_config,
-    exploratory_banner,
     markdown_threshold_lines,
     output_dirs,
     require,
     resolve_device,
+    split_samples,
     staged_path,
 )
 from watermark.xmark.kit import marker_path, read_xmark_secret, secret_sha256  # noqa: E402
@@ -63,12 +65,7 @@ from watermark.xmark.stats import retest_controls, xmark_test  # noqa: E402
 def verification_images(datamodule, doc: dict, split: str, m: int | None, secret_path: str
                         ) -> tuple[torch.Tensor, list[str], list[int]]:
     """``(images N×C×H×W in [0, 1], ids, labels)`` of the secret's verification ids, in its order."""
-    datamodule.prepare_data()
-    datamodule.setup()
-    if split not in datamodule.splits:
-        raise BadInput(f"verify.split={split!r} is not a split of the data ({sorted(datamodule.splits)})")
-    dataset = datamodule.dataset(split, train_transforms=False)
-    index = {s.id: i for i, s in enumerate(dataset.samples)}
+    dataset, index = split_samples(datamodule, split)
     ids = list(doc["verification"]["ids"])
     missing = [i for i in ids if i not in index]
     if missing:
@@ -85,16 +82,7 @@ def verification_images(datamodule, doc: dict, split: str, m: int | None, secret
 
 def benign_accuracy(suspect: CheckpointSuspect, datamodule, split: str, batch_size: int) -> float:
     """Balanced accuracy of the suspect on the clean ``split`` (queries counted by the suspect)."""
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(datamodule.dataset(split, train_transforms=False), batch_size=batch_size, shuffle=False)
-    preds, labels = [], []
-    for batch in loader:
-        preds.append(suspect.predict(batch["image"]).argmax(1))
-        labels.append(batch["label"])
-    pred, label = torch.cat(preds), torch.cat(labels)
-    recalls = [float((pred[label == k] == k).float().mean()) for k in label.unique()]
-    return float(np.mean(recalls))
+    return float(task_quality(suspect, datamodule, "classification", split=split, batch_size=batch_size)["value"])
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -205,24 +193,22 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> int:
-    """X-Mark verification of ``cfg.suspect`` against ``cfg.secret``; returns the exit code."""
-    require(cfg, "suspect", "out")
-    started = time.time()
-    out, stage = output_dirs(cfg)
-    doc = read_xmark_secret(cfg.secret)
+def _thresholds(cfg: DictConfig, doc: dict) -> tuple[ThresholdRules, float, float]:
+    """``(rules, τ, α)``: the verdict uses τ and α sealed in secret.json; a changed τ or a larger α is exploratory."""
     v = cfg.verify
-    # the verdict uses τ and α sealed in secret.json; a changed τ or a larger α is exploratory
     rules = apply_threshold_overrides(doc["thresholds"], {"tau": v.get("tau"), "alpha": v.get("alpha")}, cfg.secret)
     tau, alpha = float(rules.used["tau"]), float(rules.used["alpha"])
     if not 0.0 <= tau < 1.0:
         raise BadInput(f"verify.tau must be in [0, 1), got {tau}")
     if not 0.0 < alpha < 1.0:
         raise BadInput(f"verify.alpha must be in (0, 1), got {alpha}")
-    target = int(doc["target_class"])
+    return rules, tau, alpha
 
-    if v.get("watermark"):
-        watermark_file, source = Path(v.watermark), "verify.watermark"
+
+def _load_marker(cfg: DictConfig, doc: dict) -> tuple[XMarkMarker, Path, str]:
+    """``(marker, its file, "owner" | "verify.watermark")``; the owner's generator must match its sealed sha256."""
+    if cfg.verify.get("watermark"):
+        watermark_file, source = Path(cfg.verify.watermark), "verify.watermark"
     else:
         watermark_file, source = marker_path(doc, cfg.secret), "owner"
         if not watermark_file.is_file():
@@ -230,49 +216,101 @@ def run(cfg: DictConfig) -> int:
         if marker_sha256(watermark_file) != doc["marker"]["sha256"]:
             raise BadInput(f"{watermark_file}: sha256 differs from field 'marker.sha256' of {cfg.secret} "
                            "(the generator file was changed)")
-    marker = XMarkMarker.load(watermark_file, tuple(cfg.suspect_factories))
+    return load_marker(watermark_file, tuple(cfg.suspect_factories)), watermark_file, source
 
+
+def _query_images(cfg: DictConfig, doc: dict, marker: XMarkMarker) -> dict[str, Any]:
+    """The verification pairs at the query size: ``{clean, marked (N×C×S×S, 8-bit), ids, split, data,
+    datamodule, query_size}`` -- marked at the generator's resolution, resized to ``data.image_size``."""
     overrides = OmegaConf.to_container(cfg.data, resolve=True)
     # default query size: the owner's marking size (also when verify.watermark is another generator)
     query_size = int(overrides.get("image_size") or doc["marker"]["image_size"])
     data = data_config(doc["verification"]["data"], cfg.data, cfg.secret)
     data["image_size"] = int(doc["marker"]["image_size"])  # mark at the generator's resolution
     datamodule = instantiate(data)
-    split = v.split or doc["verification"]["split"]
-    images, ids, labels = verification_images(datamodule, doc, split, v.get("m"), cfg.secret)
-    if any(label == target for label in labels):
+    split = cfg.verify.split or doc["verification"]["split"]
+    images, ids, labels = verification_images(datamodule, doc, split, cfg.verify.get("m"), cfg.secret)
+    if any(label == int(doc["target_class"]) for label in labels):
         raise BadInput(f"{cfg.secret}: field 'verification.ids' holds target-class images; X-Mark queries "
                        "non-target images only")
     if tuple(images.shape[-2:]) != (marker.image_size, marker.image_size):
         images = resize(images, marker.image_size)
     marked = quantise(marker.mark(images)["marked"])
-    clean_q, marked_q = resize(images, query_size), quantise(resize(marked, query_size))
+    return {"clean": resize(images, query_size), "marked": quantise(resize(marked, query_size)), "ids": ids,
+            "split": split, "data": data, "datamodule": datamodule, "query_size": query_size,
+            "overrides": overrides}
 
-    suspect = open_suspect(cfg.suspect, task="classification", device=resolve_device(cfg.device),
-                           factories=tuple(cfg.suspect_factories), http=cfg.get("http"),
-                           num_classes=len(doc["classes"]))
+
+def _open_suspect(cfg: DictConfig, doc: dict):
+    """The suspect classifier; a checkpoint's ``num_classes`` must be the secret's."""
     num_classes = len(doc["classes"])
+    suspect = open_suspect(cfg.suspect, task="classification", device=resolve_device(cfg.device),
+                           factories=tuple(cfg.suspect_factories), http=cfg.get("http"), num_classes=num_classes)
     suspect_classes = (getattr(suspect, "hparams", None) or {}).get("num_classes")
     if suspect_classes is not None and int(suspect_classes) != num_classes:
         raise BadInput(f"{cfg.suspect}: field 'hyper_parameters.num_classes' is {suspect_classes}; the secret has "
                        f"{num_classes} classes ({doc['classes']})")
-    # removal attack before verification (verification/attacks.py): the pairs, BA and report see the attacked suspect
-    suspect, attack = apply_attack(cfg.attack, suspect, datamodule, "classification")
-    pairs = query_pairs(suspect.predict, clean_q, marked_q, target, batch_size=int(v.batch_size))
+    return suspect
+
+
+def _query_pairs(cfg: DictConfig, suspect, queries: dict[str, Any], target: int) -> dict[str, np.ndarray]:
+    """The suspect's ``p_benign``, ``p_marked`` (finite, else BadInput) and ``pred_marked`` per image."""
+    pairs = query_pairs(suspect.predict, queries["clean"], queries["marked"], target,
+                        batch_size=int(cfg.verify.batch_size))
     for name in ("p_benign", "p_marked"):
         if not np.all(np.isfinite(pairs[name])):
             raise BadInput(f"{cfg.suspect}: the suspect returned non-finite probabilities (NaN/inf) for "
                            f"{int((~np.isfinite(pairs[name])).sum())} of {len(pairs[name])} images ({name})")
-    result = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
+    return pairs
 
-    benign = None
-    if v.get("benign_accuracy"):
-        if query_size != marker.image_size:
-            bench_data = dict(data, image_size=query_size)
-            datamodule = instantiate(bench_data)
-            datamodule.setup()
-        benign = benign_accuracy(suspect, datamodule, split, int(v.batch_size))
 
+def _benign_accuracy(cfg: DictConfig, suspect, queries: dict[str, Any], marking_size: int) -> float | None:
+    """The suspect's balanced accuracy on the clean verification split at the query size (``verify.benign_accuracy``)."""
+    if not cfg.verify.get("benign_accuracy"):
+        return None
+    datamodule = queries["datamodule"]
+    if queries["query_size"] != marking_size:
+        datamodule = instantiate(dict(queries["data"], image_size=queries["query_size"]))
+        datamodule.setup()
+    return benign_accuracy(suspect, datamodule, queries["split"], int(cfg.verify.batch_size))
+
+
+def _figures(cfg: DictConfig, stage: Path, pairs: dict, result: dict, queries: dict, epsilon: float) -> list[str]:
+    """``figures/paired_probabilities.png`` and (``verify.num_figures`` > 0) ``figures/examples.png``."""
+    figures_dir = stage / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    m = len(queries["ids"])
+    fig = paired_figure(pairs["p_benign"], pairs["p_marked"], result["tau"],
+                        f"ΔP={result['delta_p']:.3f}, p={result['p_value']:.3g}, WSR={result['wsr']:.2f} (m={m})")
+    fig.savefig(figures_dir / "paired_probabilities.png", dpi=90)
+    plt.close(fig)
+    figures = [str(figures_dir / "paired_probabilities.png")]
+    k = min(int(cfg.verify.num_figures), m)
+    if k > 0:
+        fig = examples_figure(queries["clean"][:k], queries["marked"][:k], pairs["p_benign"][:k],
+                              pairs["p_marked"][:k], epsilon)
+        fig.savefig(figures_dir / "examples.png", dpi=90)
+        plt.close(fig)
+        figures.append(str(figures_dir / "examples.png"))
+    return figures
+
+
+def run(cfg: DictConfig) -> int:
+    """X-Mark verification of ``cfg.suspect`` against ``cfg.secret``; returns the exit code."""
+    require(cfg, "suspect", "out")
+    started = time.time()
+    out, stage = output_dirs(cfg)
+    doc = read_xmark_secret(cfg.secret)
+    rules, tau, alpha = _thresholds(cfg, doc)
+    target = int(doc["target_class"])
+    marker, watermark_file, source = _load_marker(cfg, doc)
+    queries = _query_images(cfg, doc, marker)
+    suspect = _open_suspect(cfg, doc)
+    # removal attack before verification (verification/attacks/): the pairs, BA and report see the attacked suspect
+    suspect, attack = apply_attack(cfg.attack, suspect, queries["datamodule"], "classification")
+    pairs = _query_pairs(cfg, suspect, queries, target)
+    result = {**xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target), "tau": tau}
+    benign = _benign_accuracy(cfg, suspect, queries, marker.image_size)
     # the owner's clean controls at this τ/α (re-tested from stored per-image probabilities)
     try:
         control = retest_controls(doc.get("control") or {}, tau, alpha, target)
@@ -280,33 +318,17 @@ def run(cfg: DictConfig) -> int:
         raise BadInput(f"{cfg.secret}: field '{err}'") from None
     control_fails = all(not c["verified"] for c in control.values())
     passes = bool(result["verified"] and control_fails)
-    verified = passes and not rules.exploratory
-
-    figures: list[str] = []
-    figures_dir = stage / "figures"
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    fig = paired_figure(pairs["p_benign"], pairs["p_marked"], tau,
-                        f"ΔP={result['delta_p']:.3f}, p={result['p_value']:.3g}, WSR={result['wsr']:.2f} (m={len(ids)})")
-    fig.savefig(figures_dir / "paired_probabilities.png", dpi=90)
-    plt.close(fig)
-    figures.append(str(figures_dir / "paired_probabilities.png"))
-    k = min(int(v.num_figures), len(ids))
-    if k > 0:
-        fig = examples_figure(clean_q[:k], marked_q[:k], pairs["p_benign"][:k], pairs["p_marked"][:k], marker.epsilon)
-        fig.savefig(figures_dir / "examples.png", dpi=90)
-        plt.close(fig)
-        figures.append(str(figures_dir / "examples.png"))
-
+    figures = _figures(cfg, stage, pairs, result, queries, marker.epsilon)
     report: dict[str, Any] = {
         "method": "xmark",
         "attack": attack,
-        "verified": verified,
+        "verified": passes and not rules.exploratory,
         "passes_at_used_thresholds": passes,
         **rules.record(),
         "p_value": result["p_value"],
         "delta_p": result["delta_p"],
         "wsr": result["wsr"],
-        "m": len(ids),
+        "m": len(queries["ids"]),
         "tau": tau,
         "alpha": alpha,
         "queries": suspect.queries,
@@ -316,34 +338,25 @@ def run(cfg: DictConfig) -> int:
         "p_benign_mean": float(pairs["p_benign"].mean()),
         "p_marked_mean": float(pairs["p_marked"].mean()),
         "benign_accuracy": benign,
-        "benign_split": split if benign is not None else None,
+        "benign_split": queries["split"] if benign is not None else None,
         "target_class": target,
         "target_name": doc["classes"][target],
-        "query_size": query_size,
+        "query_size": queries["query_size"],
         "marking_size": marker.image_size,
         "watermark": {"source": source, "file": str(watermark_file), "sha256": marker_sha256(watermark_file)},
         "suspect": suspect_record(suspect),
         "secret": str(cfg.secret),
         "secret_sha256": secret_sha256(doc),
-        "ids": ids,
+        "ids": queries["ids"],
         "p_benign": pairs["p_benign"].tolist(),
         "p_marked": pairs["p_marked"].tolist(),
         "figures": [staged_path(f, stage, out) for f in figures],
         "seconds": round(time.time() - started, 3),
-        "config": {"verify": OmegaConf.to_container(v, resolve=True), "device": resolve_device(cfg.device),
-                   "data_overrides": {k: val for k, val in overrides.items() if val is not None}},
+        "config": {"verify": OmegaConf.to_container(cfg.verify, resolve=True), "device": resolve_device(cfg.device),
+                   "data_overrides": {k: val for k, val in queries["overrides"].items() if val is not None}},
     }
-    stage.mkdir(parents=True, exist_ok=True)
-    (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (stage / "report.md").write_text(render_markdown(report))
-    write_html_report(stage, report, figures, "X-Mark dataset ownership verification")
+    write_report(stage, report, render_markdown(report), "X-Mark dataset ownership verification", figures)
     why = "" if passes or not result["verified"] else " (a clean control model also passes: no evidence)"
-    word = "VERIFIED" if verified else "NOT VERIFIED"
-    if rules.exploratory:
-        print(exploratory_banner(report), flush=True)
-        word = f"EXPLORATORY (the rule {'passes' if passes else 'fails'} at the changed thresholds)"
-    print(f"{word}{why}: p={result['p_value']:.3g}, ΔP={result['delta_p']:.3f}, "
-          f"WSR={result['wsr']:.2f}, m={len(ids)}, τ={tau:g}, α={alpha:g}; {suspect.queries} queries, "
-          f"{report['seconds']:.1f} s", flush=True)
-    print(f"report: {out / 'report.json'}", flush=True)
-    return rules.exit_code(verified)
+    return announce_verdict(rules, report, passes, (
+        f"p={result['p_value']:.3g}, ΔP={result['delta_p']:.3f}, WSR={result['wsr']:.2f}, m={len(queries['ids'])}, "
+        f"τ={tau:g}, α={alpha:g}; {suspect.queries} queries, {report['seconds']:.1f} s"), out, why)

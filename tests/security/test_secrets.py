@@ -216,7 +216,7 @@ def open_spy(monkeypatch):
 
 
 def test_every_methods_private_files_are_created_0600(tmp_path, open_spy):
-    from lightning_modules.xmark import XMarkMarker
+    from watermark.xmark.marker import XMarkMarker
     from models import build_timm_classifier
     from models.generator import ConditionalUNetGenerator
     from watermark.certificates import owner_signing_key

@@ -260,7 +260,7 @@ def test_controls_are_retested_from_stored_numbers_unit():
 
 @pytest.fixture(scope="module")
 def xkit(tmp_path_factory):
-    from lightning_modules.xmark import XMarkMarker, marker_sha256
+    from watermark.xmark.marker import XMarkMarker, marker_sha256
     from models.classification import build_timm_classifier
     from models.generator import ConditionalUNetGenerator
     from watermark.xmark.kit import build_xmark_secret, write_xmark_secret

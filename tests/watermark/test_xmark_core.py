@@ -14,14 +14,10 @@ from PIL import Image
 from scipy import stats
 from torch import nn
 
-from losses.xmark import (
-    IndMSuppressionTerm,
-    LaplacianPenaltyTerm,
-    LPIPSTerm,
-    TargetedCETerm,
-    UntargetedSuppressionTerm,
-    random_rescale,
-)
+from datamodules.transforms import random_rescale
+from losses.laplacian import LaplacianPenaltyTerm
+from losses.perceptual import LPIPSTerm
+from losses.xmark import IndMSuppressionTerm, TargetedCETerm, UntargetedSuppressionTerm
 from models import build_timm_classifier
 from models.generator import ConditionalUNetGenerator, build_generator
 from watermark.xmark.pyramid import laplacian_pyramid, max_levels, reconstruct
