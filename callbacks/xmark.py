@@ -3,7 +3,7 @@
 :class:`XMarkPanels` saves ``figures/xmark_panel_epochXXX.png`` (x | saliency | δ amplified |
 x_w) every validation epoch and sends it to W&B when the run logs there.
 
-:class:`XMarkRelease` runs when ``fit`` ends (METHODS.md §2, step 4) and writes
+:class:`XMarkRelease` runs when ``fit`` ends (docs/xmark.md, step 4) and writes
 
 * ``<run>/released/`` -- the source dataset folder copied file by file (``shutil.copy2``:
   CSVs and every untouched image byte-identical), in which a fraction ``fraction`` of the

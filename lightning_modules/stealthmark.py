@@ -1,4 +1,4 @@
-"""StealthMark training (``method=stealthmark``, METHODS.md §1).
+"""StealthMark training (``method=stealthmark``, docs/stealthmark.md).
 
 Per training batch (rows shuffled by the loader), the first ``key_fraction·B`` rows become
 *key samples* and the next ``negative_fraction·B`` rows *masked-untriggered negatives*;

@@ -1,9 +1,9 @@
-"""X-Mark generator training (``method=xmark``, METHODS.md §2, step 3) and the marker it releases.
+"""X-Mark generator training (``method=xmark``, docs/xmark.md, step 3).
 
 Three kinds of network live in :class:`XMarkModule`:
 
 * ``generator`` -- :class:`models.generator.ConditionalUNetGenerator` G(x, s): the only thing
-  X-Mark releases (as ``owner/generator.pt``, via :class:`XMarkMarker`);
+  X-Mark releases (as ``owner/generator.pt``, via :class:`watermark.xmark.marker.XMarkMarker`);
 * ``model`` -- the *proxy Mal model* (built from the ``backbone`` config): a classifier
   trained, with clean labels, on the currently marked training set (a fraction
   ``mark_fraction`` of the target-class images replaced by G's output), so it learns what a

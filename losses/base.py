@@ -6,7 +6,7 @@ configured in ``configs/loss/*.yaml`` and log each term on its own; callbacks ca
 ``weight`` during training (warm-up, ramps) without code in the modules.
 
 ``outputs`` is the dict the objective builds for a batch, at least ``{"logits": ...}``;
-``batch`` is the data-module batch (see DESIGN.md, "Batches").
+``batch`` is the data-module batch (see docs/data.md, "Batches").
 """
 
 from __future__ import annotations

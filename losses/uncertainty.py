@@ -1,4 +1,4 @@
-"""StealthMark loss terms (METHODS.md §1): uncertainty modulation and the harmlessness guard.
+"""StealthMark loss terms (docs/stealthmark.md): uncertainty modulation and the harmlessness guard.
 
 Both terms act on *key samples* only: images whose grid cells were randomly hidden and
 that carry the owner's trigger. The StealthMark objective

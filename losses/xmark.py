@@ -108,7 +108,7 @@ class IndMSuppressionTerm(TargetClassTerm):
 
     ``mean over references r of mean over {i: label_i ≠ y_t} of CE(reference_marked_logits[r]_i, label_i)``.
     A watermark that flips an *independent* clean model is a transferable adversarial
-    perturbation, not a watermark (METHODS.md §2 probe); this term penalises exactly that.
+    perturbation, not a watermark (docs/xmark.md); this term penalises exactly that.
     0 when the batch has no non-target image.
 
     Reads ``outputs[logits_key]`` (a list/tuple of B×K logits, or one B×K tensor) and

@@ -15,7 +15,7 @@
 
 ``marked_ids`` (which released images carry δ) is secret: with it, an adversary could drop
 exactly those files. ``control`` records the owner's own clean reference models queried
-with the same protocol at release time (METHODS.md §2: a verdict needs the suspect's
+with the same protocol at release time (docs/xmark.md: a verdict needs the suspect's
 test to pass and the references' to fail). The file is written 0o600.
 
 ``certificate.json`` is a signed claim (Ed25519, :mod:`watermark.certificates`): owner id,

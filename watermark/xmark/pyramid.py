@@ -1,6 +1,6 @@
 """Laplacian pyramid in torch (Burt & Adelson), differentiable and exactly invertible.
 
-X-Mark penalises the perturbation δ band by band (METHODS.md §2): its finest bands are
+X-Mark penalises the perturbation δ band by band (docs/xmark.md): its finest bands are
 what a human sees as noise and what JPEG/resizing destroy, while the low-pass residual
 is free. The decomposition is
 

@@ -1,6 +1,6 @@
 """EigenCAM saliency of a surrogate classifier, and an on-disk cache of the maps.
 
-X-Mark conditions its generator on where the surrogate looks (METHODS.md §2, step 2):
+X-Mark conditions its generator on where the surrogate looks (docs/xmark.md, step 2):
 EigenCAM (the ``grad-cam`` package) of the surrogate's last convolutional block, per image,
 min-max normalised to [0, 1]. EigenCAM needs no gradients and no target class: the map is
 the projection of the block's activations on their first principal component.

@@ -1,4 +1,4 @@
-"""X-Mark's ownership statistic (METHODS.md §2, step 5) on top of :func:`watermark.stats.paired_margin_test`.
+"""X-Mark's ownership statistic (docs/xmark.md, step 5) on top of :func:`watermark.stats.paired_margin_test`.
 
 For m non-target verification images x_i (fixed seed) and their marked copies x_w,i, query
 the suspect model f and read the target-class probabilities
