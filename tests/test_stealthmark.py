@@ -190,6 +190,45 @@ def test_key_batch_targets_rows_and_trigger(module):
     assert torch.equal(cells, visible[:, q:q + G, q:q + G] & dark[None])
 
 
+def test_one_loss_loop_gives_key_terms_key_rows_and_task_terms_the_rest(module, monkeypatch):
+    """ObjectiveModule.compute_loss routes rows through StealthMarkModule.loss_rows; names/values as logged."""
+    from losses.uncertainty import KeySampleTerm
+
+    logged: dict[str, tuple[float, int | None]] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, (float(value), kw.get("batch_size"))))
+    torch.manual_seed(1)
+    batch = {"image": torch.rand(8, 3, 50, 50), "mask": (torch.rand(8, 1, 50, 50) < 0.3).float(),
+             "id": [str(i) for i in range(8)]}
+    mixed = module.key_batch(batch)
+    with torch.no_grad():
+        outputs = module.model_outputs(mixed)
+        total = module.compute_loss(outputs, mixed, "train")
+    flags = mixed["key_sample"]
+    key_names = [n for n, t in module.loss_terms.items() if isinstance(t, KeySampleTerm)]
+    task_names = [n for n in module.loss_terms if n not in key_names]
+    assert key_names and task_names
+    expected = 0.0
+    for name, term in module.loss_terms.items():
+        rows = flags if name in key_names else ~flags
+        sub_out = {"logits": outputs["logits"][rows]}
+        sub_batch = {k: (v[rows] if isinstance(v, torch.Tensor) else [x for x, r in zip(v, rows.tolist()) if r])
+                     for k, v in mixed.items()}
+        with torch.no_grad():
+            value = float(term(sub_out, sub_batch))
+        assert logged[f"train/loss/{name}"] == (pytest.approx(value, abs=0, rel=1e-6), int(rows.sum())), name
+        if name in task_names:  # a task term on ALL rows (key rows too) is a different number: the routing is real
+            with torch.no_grad():
+                assert float(term(outputs, mixed)) != pytest.approx(value, rel=1e-3), name
+        expected += term.weight * value
+    assert logged["train/loss"] == (pytest.approx(expected, rel=1e-6), 8) and float(total) == pytest.approx(expected, rel=1e-6)
+
+    logged.clear()  # an evaluation batch has no key samples: key terms are skipped, task terms see every row
+    with torch.no_grad():
+        module.compute_loss(module.model_outputs(batch), batch, "val")
+    assert not any(f"val/loss/{n}" in logged for n in key_names)
+    assert all(logged[f"val/loss/{n}"][1] == 8 for n in task_names) and "val/loss" in logged
+
+
 # ----------------------------------------------------------------------------- LIME geometry
 
 
