@@ -1,10 +1,15 @@
 # medmark: `make demo` and `make test` set everything up on a fresh machine with
-# Python 3.11 and pip (a .venv is created from the pinned requirements.txt and reused).
+# Python 3.11 and pip (a .venv is created from the pinned requirements.txt and reused; the package
+# is installed into it in editable mode, giving .venv/bin/medmark -- docs/quickstart.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('requirements.txt','rb').read()).hexdigest()[:12])")
 STAMP := $(VENV)/.requirements-$(REQ_HASH)
+# The medmark package itself (editable: the `medmark` command runs this checkout), re-installed
+# when pyproject.toml changes; its dependencies come from the pinned requirements.txt above.
+PKG_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
+PKG_STAMP := $(VENV)/.package-$(PKG_HASH)
 PYTEST_ARGS ?=
 
 .PHONY: venv demo demo-full demo-task test bench clean-venv
@@ -17,7 +22,14 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.requirements-*
 	@touch $@
 
-venv: $(STAMP)
+# --no-build-isolation: build with the venv's setuptools (nothing fetched; works offline).
+$(PKG_STAMP): $(STAMP) pyproject.toml
+	@$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install --quiet "setuptools>=64"
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.package-*
+	@touch $@
+
+venv: $(STAMP) $(PKG_STAMP)
 
 # The main job: the StealthMark story on built-in synthetic polyps (generated on first use under
 # data/): train a clean UNet, watermark it, verify both, print both verdicts and the Dice of each.
@@ -37,8 +49,14 @@ demo-task: venv
 test: venv
 	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# benchmarks that need a protection / training run's files (secret=, suspect=): listed, not run
+BENCH_NEEDS_ARGS := false_positives robustness
+
 bench: venv
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do n=$$(basename $$b .py); case " $(BENCH_NEEDS_ARGS) " in *" $$n "*) continue;; esac; \
+		echo "== $$b"; $(PY) $$b || exit 1; done
+	@echo "== not run, they need arguments (see each file's docstring):"; \
+		for n in $(BENCH_NEEDS_ARGS); do echo "   $(PY) benchmarks/$$n.py secret=... [suspect=...]"; done
 
 clean-venv:
 	rm -rf $(VENV)
