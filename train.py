@@ -4,10 +4,10 @@
     python train.py experiment=task_cls_synthetic trainer=ddp_cpu
     python train.py -m experiment=task_seg_synthetic backbone=unet_resnet34,sam_tiny
 
-Exit codes: 0 done, 2 bad input (dataset, config, missing weights) with a message
-naming the file or key at fault. In a multirun (``-m``) a job with bad input is recorded
-as failed (its ``job.json`` and the comparison row say why) and the other jobs still run;
-the multirun then exits non-zero.
+Also ``medmark train ...`` (medmark/cli.py). Exit codes: 0 done, 2 bad input (dataset, config
+-- Hydra's own errors included --, missing weights) with a message naming the file or key at
+fault. In a multirun (``-m``) a job with bad input is recorded as failed (its ``job.json``
+and the comparison row say why) and the other jobs still run; the multirun then exits non-zero.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 import utils.resolvers  # noqa: F401  (registers ${len:...})
 from datamodules.samples import DatasetError
+from medmark import CONFIG_DIR
+from medmark.cli import run_hydra_main
 from utils.run import run_training
 
 log = logging.getLogger("medmark")
@@ -38,8 +40,12 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+_TASK_RAN: list[bool] = []  # set once the task function is entered (cli() maps Hydra's earlier errors to 2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
+    _TASK_RAN.append(True)
     try:
         OmegaConf.resolve(cfg)  # fail on a bad key before anything is built
         return run_training(cfg)
@@ -51,5 +57,10 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python train.py ...`` / ``medmark train ...``: the exit code (Hydra's own errors -> 2)."""
+    return run_hydra_main(main, argv, prog, task_ran=lambda: bool(_TASK_RAN))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -40,6 +40,8 @@ from verification.protocols import (
     publish_stage,
     run_protocol,
 )
+from medmark import CONFIG_DIR
+from medmark.cli import hydra_argv
 from watermark.stealthmark.kit import OwnerKitError
 
 log = logging.getLogger("medmark")
@@ -82,7 +84,7 @@ def verify(cfg: DictConfig) -> int:
     return code
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="verify.yaml")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="verify.yaml")
 def main(cfg: DictConfig) -> None:
     _RESULT["code"] = verify(cfg)
 
@@ -98,14 +100,16 @@ def missing_out(argv: list[str]) -> bool:
                    for arg in argv if "=" in arg)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``python verify.py ...``: the exit code (Hydra's own errors -> 2; ``--help``/``--cfg`` -> 0)."""
+def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python verify.py ...`` / ``medmark verify ...``: the exit code (Hydra's own errors -> 2;
+    ``--help``/``--cfg`` -> 0). ``argv=None``: ``sys.argv[1:]``."""
     if missing_out(sys.argv[1:] if argv is None else argv):
         print("error: out= is required: the report folder (e.g. out=reports/suspect1); exit code 2",
               file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     try:
-        main()
+        with hydra_argv(prog, argv):
+            main()
     except SystemExit as exc:
         if "code" in _RESULT:
             return _RESULT["code"]
