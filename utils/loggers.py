@@ -3,11 +3,16 @@
 With no credentials (no ``WANDB_API_KEY``, no ``api.wandb.ai`` entry in ``~/.netrc``)
 or ``WANDB_MODE=offline`` the run logs offline — no prompt — and says how to sync.
 ``WANDB_MODE=disabled`` turns W&B off entirely (tests).
+
+Whatever the experiment logger, a training run also logs to CSV (``<run>/csv/metrics.csv``,
+:func:`with_csv_logger`) and ends by plotting it into ``<run>/figures/curves.png`` (:func:`plot_curves`).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
 import netrc
 import os
 from pathlib import Path
@@ -40,3 +45,102 @@ def build_wandb_logger(save_dir: str, project: str, offline: bool | None = None,
             "To upload later: `wandb sync %s/wandb/offline-run-*`", save_dir
         )
     return logger
+
+
+# ----------------------------------------------------------------------------- CSV + curves
+#
+# Every training run keeps a CSV log next to whatever experiment logger it has (W&B, none):
+# <output_dir>/csv/metrics.csv, plotted at the end of the run into <output_dir>/figures/curves.png.
+
+CSV_LOGGER_NAME = "csv"
+CURVES_FILE = "figures/curves.png"
+
+
+def with_csv_logger(loggers: list, save_dir: str | Path) -> list:
+    """``loggers`` plus a :class:`CSVLogger` writing ``<save_dir>/csv/metrics.csv`` (unless one is there)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if any(isinstance(logger, CSVLogger) for logger in loggers):
+        return list(loggers)
+    return [*loggers, CSVLogger(save_dir=str(save_dir), name=CSV_LOGGER_NAME, version="")]
+
+
+def metrics_csv_of(loggers: list) -> Path | None:
+    """The ``metrics.csv`` of the first CSV logger among ``loggers`` (None: no CSV logger)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            return Path(logger.log_dir) / "metrics.csv"
+    return None
+
+
+def read_epoch_curves(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
+    """Per-epoch series ``{column: {epoch: value}}`` of a Lightning ``metrics.csv``.
+
+    Test metrics (``test/*``) are left out; a ``*_step`` column is left out when its ``*_epoch``
+    twin exists and is otherwise averaged over the epoch; every other column keeps the epoch's
+    last logged value (so a validation of the untrained model logged before epoch 0 is replaced
+    by epoch 0's). Non-numeric and non-finite cells are skipped.
+    """
+    with open(metrics_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = [c for c in (rows[0].keys() if rows else []) if c not in ("epoch", "step") and not c.startswith("test/")]
+    columns = [c for c in columns if not (c.endswith("_step") and c.removesuffix("_step") + "_epoch" in columns)]
+    series: dict[str, dict[int, list[float]]] = {c: {} for c in columns}
+    for row in rows:
+        try:
+            epoch = int(float(row.get("epoch") or ""))
+        except ValueError:
+            continue
+        for column in columns:
+            try:
+                value = float(row.get(column) or "")
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                series[column].setdefault(epoch, []).append(value)
+    curves = {}
+    for column, per_epoch in series.items():
+        if per_epoch:
+            reduce = (lambda v: sum(v) / len(v)) if column.endswith("_step") else (lambda v: v[-1])
+            curves[column.removesuffix("_epoch")] = {epoch: reduce(values) for epoch, values in sorted(per_epoch.items())}
+    return curves
+
+
+def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
+    """Plot per-epoch losses, validation metrics in [0, 1] and other validation metrics (one panel each,
+    empty ones left out) from ``metrics_csv`` into ``out_png``.
+
+    Returns the PNG path, or None when the CSV holds no per-epoch value (nothing is written then).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: figures are files
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = read_epoch_curves(metrics_csv)
+    losses = {k: v for k, v in curves.items() if "loss" in k}
+    metrics = {k: v for k, v in curves.items() if k.startswith("val/") and "loss" not in k}
+    unit = {k: v for k, v in metrics.items() if all(0.0 <= x <= 1.0 for x in v.values())}  # dice, accuracy...
+    other = {k: v for k, v in metrics.items() if k not in unit}  # distances (hd95 in pixels), counts...
+    panels = [(title, group) for title, group in (("losses", losses), ("validation metrics", unit),
+                                                  ("validation metrics (other scales)", other)) if group]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, group) in zip(axes[0], panels):
+        for name, points in sorted(group.items()):
+            ax.plot(list(points), list(points.values()), marker="o", markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

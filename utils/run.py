@@ -1,4 +1,5 @@
-"""The body of ``train.py``: compose -> instantiate -> (validate untrained) -> fit -> test -> summary.
+"""The body of ``train.py``: compose -> instantiate -> (validate untrained) -> fit -> test -> summary
+(+ ``figures/curves.png`` from the CSV log every run keeps).
 
 Kept out of ``train.py`` so the entry point stays thin and tests can call it with a
 composed config.
@@ -25,6 +26,8 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from utils.loggers import CURVES_FILE, metrics_csv_of, plot_curves, with_csv_logger
 
 log = logging.getLogger("medmark")
 
@@ -402,6 +405,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_run_curves(loggers: list, output_dir: Path) -> str | None:
+    """Plot the run's CSV log into ``<output_dir>/figures/curves.png``; its path, or None.
+
+    A plotting failure is logged and never fails the run (the model is trained by then).
+    """
+    metrics_csv = metrics_csv_of(loggers)
+    if metrics_csv is None or not metrics_csv.is_file():
+        log.warning("no CSV metrics log found: figures/curves.png not written")
+        return None
+    try:
+        path = plot_curves(metrics_csv, output_dir / CURVES_FILE)
+    except Exception as exc:  # noqa: BLE001 - a figure must not lose a finished run
+        log.warning("figures/curves.png not written: %s: %s", type(exc).__name__, exc)
+        return None
+    return str(path) if path else None
+
+
 def run_training(cfg: DictConfig) -> float | None:
     """Train/test as configured; write ``summary.json``; return ``cfg.optimized_metric``'s best value."""
     started = time.time()
@@ -417,7 +437,7 @@ def run_training(cfg: DictConfig) -> float | None:
     callbacks = instantiate_list(cfg.get("callbacks"))
     epoch_clock = EpochClock()
     callbacks.append(epoch_clock)
-    loggers = instantiate_list(cfg.get("logger"))
+    loggers = with_csv_logger(instantiate_list(cfg.get("logger")), output_dir)  # CSV always: figures/curves.png
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     salt = None
@@ -483,6 +503,7 @@ def run_training(cfg: DictConfig) -> float | None:
     }
 
     if trainer.is_global_zero:
+        summary["curves"] = plot_run_curves(trainer.loggers, output_dir)
         path = output_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary), flush=True)
