@@ -37,7 +37,8 @@ from omegaconf import DictConfig
 
 from verification.adapters import open_suspect, suspect_label, suspect_record
 from lightning_modules.medlocker import ClassifierLoadError, from_uint8_hwc
-from verification.report_html import certificate_check, write_html_report
+from verification.report_html import certificate_check
+from verification.reports import write_report
 from verification.protocols import (EXIT_BAD_INPUT, EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, output_dirs, require,
                                 resolve_device)
 from watermark.certificates import (
@@ -123,10 +124,8 @@ def _load_npz(path: str | None) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _write_report(out: Path, report: dict, title: str, lines: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text("\n".join([f"# {title}", ""] + lines + [""]))
+def _markdown(title: str, lines: list[str]) -> str:
+    return "\n".join([f"# {title}", ""] + lines + [""])
 
 
 # ------------------------------------------------------------------------------- modes
@@ -172,9 +171,8 @@ def check_certificates(cfg: DictConfig, doc: dict) -> int:
              f"- re-rendered bit for bit: {passed}/{len(rows)} images", ""]
     lines += [f"- {r['id']}: {r.get('reason')}" for r in rows if not r["rerender"]]
     out, stage = output_dirs(cfg)  # staged: nothing partial in out= on an error
-    _write_report(stage, report, "MedLocker / MIAD-MARK certificate check", lines)
-    write_html_report(stage, report, [], "MedLocker / MIAD-MARK certificate check",
-                      certificate=certificate_check(cfg.secret))
+    write_report(stage, report, _markdown("MedLocker / MIAD-MARK certificate check", lines),
+                 "MedLocker / MIAD-MARK certificate check", certificate=certificate_check(cfg.secret))
     print(f"{'VERIFIED' if verified else 'NOT VERIFIED'}: signature {'valid' if signature_ok else 'INVALID'}, "
           f"{passed}/{len(rows)} images re-render bit for bit; report: {out / 'report.json'}", flush=True)
     return EXIT_VERIFIED if verified else EXIT_NOT_VERIFIED
@@ -327,9 +325,9 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
     lines = [f"Suspect `{suspect_label(report['suspect'])}` ({report['suspect_backbone']}), {len(ids)} images", "",
              "| images | accuracy |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in accuracy.items()]
     out, stage = output_dirs(cfg)  # staged: nothing partial in out= on an error
-    _write_report(stage, report, "Accuracy on original vs protected images", lines)
-    write_html_report(stage, report, [], "MedLocker / MIAD-MARK: accuracy on original vs protected images",
-                      certificate=certificate_check(cfg.secret))
+    write_report(stage, report, _markdown("Accuracy on original vs protected images", lines),
+                 "MedLocker / MIAD-MARK: accuracy on original vs protected images",
+                 certificate=certificate_check(cfg.secret))
     print("accuracy: " + ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()) +
           f" ({len(ids)} images); report: {out / 'report.json'}", flush=True)
     return EXIT_VERIFIED

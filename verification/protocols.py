@@ -120,6 +120,20 @@ def _refuse_nested_targets(node: Any, secret_path: str, where: str, top: bool = 
             _refuse_nested_targets(value, secret_path, f"{where}[{index}]")
 
 
+def split_samples(datamodule, split: str) -> tuple[Any, dict[str, int]]:
+    """``(the clean dataset of split, sample id -> its index)`` for the verification images.
+
+    Raises:
+        BadInput: ``split`` is not a split of the data (``verify.split`` named).
+    """
+    datamodule.prepare_data()
+    datamodule.setup()
+    if split not in datamodule.splits:
+        raise BadInput(f"verify.split={split!r} is not a split of the data ({sorted(datamodule.splits)})")
+    dataset = datamodule.dataset(split, train_transforms=False)
+    return dataset, {s.id: i for i, s in enumerate(dataset.samples)}
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available else ``cpu``; anything else unchanged."""
     if device == "auto":

@@ -1,4 +1,4 @@
-"""StealthMark verification protocol behind ``verify.py`` (METHODS.md §1, black box).
+"""StealthMark verification protocol behind ``verify.py`` (docs/stealthmark.md, verification; black box).
 
     python verify.py secret=<run>/owner/secret.json suspect=<checkpoint> out=<dir>
     python verify.py ... attack=prune attack.amount=0.3
@@ -13,7 +13,6 @@ The payload is never printed: stdout says whether it was decoded, the report hol
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,18 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from verification.adapters import open_suspect, suspect_label, suspect_record
 from verification.attacks import apply_attack
-from verification.report_html import write_html_report
-from verification.protocols import (
-    BadInput,
-    apply_threshold_overrides,
-    data_config,
-    exploratory_banner,
-    markdown_threshold_lines,
-    output_dirs,
-    require,
-    resolve_device,
-    staged_path,
-)
+from verification.reports import announce_verdict, write_report
+from verification.protocols import (BadInput, apply_threshold_overrides, data_config, markdown_threshold_lines,
+                                    output_dirs, require, resolve_device, split_samples,
+                                    staged_path)
 from watermark.stealthmark.kit import read_secret, secret_sha256
 from watermark.stealthmark.evidence import CountingPredictor, null_grids, verify_stealthmark
 
@@ -44,12 +35,7 @@ def verification_images(
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """``(images N×C×H×W, masks N×1×H×W, ids)`` of the verification set, in the secret's order."""
     split = cfg.verify.split or doc["verification"]["split"]
-    datamodule.prepare_data()
-    datamodule.setup()
-    if split not in datamodule.splits:
-        raise BadInput(f"verify.split={split!r} is not a split of the data ({sorted(datamodule.splits)})")
-    dataset = datamodule.dataset(split, train_transforms=False)
-    index = {s.id: i for i, s in enumerate(dataset.samples)}
+    dataset, index = split_samples(datamodule, split)
     if cfg.verify.images == "secret_ids":
         wanted = [i for i in doc["verification"]["ids"] if i in index]
         if not wanted:
@@ -187,18 +173,11 @@ def run(cfg: DictConfig) -> int:
                    "data_overrides": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
                                       if v is not None}},
     }
-    stage.mkdir(parents=True, exist_ok=True)
-    (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (stage / "report.md").write_text(render_markdown(report))
-    write_html_report(stage, report, staged_figures, "StealthMark ownership verification", redact=[key.payload])
-    verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
-    if rules.exploratory:
-        print(exploratory_banner(report), flush=True)
-        verdict = f"EXPLORATORY (the rule {'passes' if result['verified'] else 'fails'} at the changed thresholds)"
+    write_report(stage, report, render_markdown(report), "StealthMark ownership verification", staged_figures,
+                 redact=[key.payload])
     n_dec = sum(d["matches"] for d in report["decoded"])
-    print(f"{verdict}: p={report['p_value']:.3g} (response p={report['response_p_value']:.3g}, "
-          f"QR p={report['qr_p_value']:.3g}); payload decoded on {n_dec}/{len(report['decoded'])} images "
-          f"(ASR {report['asr']:.2f}), bit accuracy {report['bit_accuracy']:.3f}; mask agreement "
-          f"{report['task']['mask_agreement']:.4f}; {report['queries']} queries, {report['seconds']:.0f} s", flush=True)
-    print(f"report: {out / 'report.json'}", flush=True)
-    return rules.exit_code(report["verified"])
+    return announce_verdict(rules, report, bool(result["verified"]), (
+        f"p={report['p_value']:.3g} (response p={report['response_p_value']:.3g}, "
+        f"QR p={report['qr_p_value']:.3g}); payload decoded on {n_dec}/{len(report['decoded'])} images "
+        f"(ASR {report['asr']:.2f}), bit accuracy {report['bit_accuracy']:.3f}; mask agreement "
+        f"{report['task']['mask_agreement']:.4f}; {report['queries']} queries, {report['seconds']:.0f} s"), out)
