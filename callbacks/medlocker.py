@@ -152,15 +152,12 @@ def _owner_keys(owner_dir: Path, private_key: str | None, master_key: str | None
     return key, mk, paths
 
 
-def export_protection(out: Path, module, records: list[dict], datamodule, owner_id: str, private_key: str | None,
-                      master_key: str | None, data: dict, split: str = "test") -> dict:
-    """Write everything listed in the module docstring; returns the protection summary."""
-    out = Path(out)
-    root = Path(datamodule.dataset_root())
-    samples = {s.id: s for s in datamodule.splits[split]}
-    logo = module.logo_for(records[0]["original"].shape[0])
-    done = [r for r in records if r["protected_ok"]]
-    # 1. the originals must be the stored files, bit for bit
+def check_originals(records: list[dict], samples: dict, root: Path, split: str) -> None:
+    """Every record's ``original`` (uint8 H×W×C) must be its stored file, bit for bit.
+
+    Raises:
+        ValueError: an id not in the split, or a served image that differs from its file (path named).
+    """
     for r in records:
         sample = samples.get(r["id"])
         if sample is None:
@@ -171,10 +168,12 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
             raise ValueError(f"{sample.image.path}: the image served to the model ({r['original'].shape}) is not the "
                              f"stored file ({stored.shape}, {stored.dtype}); protection needs data.image_size equal to "
                              "the stored image size (and 8-bit images)")
-    key, mk, key_paths = _owner_keys(out / "owner", private_key, master_key)
 
-    # 2. protected images in the dataset layout (+ CSVs and lesion masks of protected images)
-    prot_root = out / "protected"
+
+def write_protected_layout(prot_root: Path, done: list[dict], samples: dict, root: Path) -> dict[str, str]:
+    """The protected images (PNG) at their dataset-relative paths under ``prot_root`` (replaced),
+    their lesion masks copied alongside, the root CSVs filtered to the protected ids.
+    Returns image id -> relative path of its protected PNG."""
     if prot_root.exists():
         shutil.rmtree(prot_root)
     rel_paths: dict[str, str] = {}
@@ -192,62 +191,71 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
     keep = {r["id"] for r in done}
     for csv_path in sorted(root.glob("*.csv")):
         _filter_csv(csv_path, prot_root / csv_path.name, keep)
+    return rel_paths
 
-    # 3. logo, deltas, restore blobs, certificates
-    np.save(out / "logo.npy", logo)
-    deltas = {safe_name(r["id"]): r["delta"] for r in done if r["delta"] is not None}
-    if deltas:
-        np.savez_compressed(out / "deltas.npz", **deltas)
-    restore_dir = out / "restore"
+
+def write_restore_data(restore_dir: Path, done: list[dict], master_key: bytes, rel_paths: dict[str, str]) -> None:
+    """``restore/<file>.mmrb`` (AES-GCM residual per image, its layout path bound in) and ``index.json``."""
     restore_dir.mkdir(parents=True, exist_ok=True)
-    index, entries = {}, []
+    index = {}
     for r in done:
         name = safe_name(r["id"])
         # the restore destination (the layout path) is bound into the blob: a restore never
         # writes where the published index alone says (watermark/medlocker/keyed_removal.py)
-        blob = encrypt_residual(r["original"], r["protected"], r["footprint"], mk, r["id"],
+        blob = encrypt_residual(r["original"], r["protected"], r["footprint"], master_key, r["id"],
                                 destination=Path(rel_paths[r["id"]]).as_posix())
         (restore_dir / f"{name}.mmrb").write_bytes(blob)
         index[r["id"]] = {"restore": f"{name}.mmrb", "protected": Path(rel_paths[r["id"]]).as_posix()}
-        entries.append({
-            "image_id": r["id"], "original_sha256": sha256_array(r["original"]),
-            "protected_sha256": sha256_array(r["protected"]), "logo_sha256": sha256_array(logo),
-            "x": r["x"], "y": r["y"], "alpha": r["alpha"], "scale": r["scale"],
-            "delta_sha256": None if r["delta"] is None else sha256_array(r["delta"]),
-            "delta_scope": r.get("delta_scope", "footprint"), "polarity": r.get("polarity", "dark"),
-            "placement": r.get("placement", "mark"),
-            "dilation_px": r.get("dilation_px"),
-            "threshold": r["threshold"], "protected_path": rel_paths[r["id"]],
-        })
     (restore_dir / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    cert = sign_certificate(build_certificate(owner_id, entries, module.variant), key)
-    save_certificate(out / "certificates.json", cert)
 
-    # 4. metrics
+
+def certificate_entries(done: list[dict], logo: np.ndarray, rel_paths: dict[str, str]) -> list[dict]:
+    """The signed fields of each protected image (hashes of original / protected / logo / δ, placement)."""
+    return [{
+        "image_id": r["id"], "original_sha256": sha256_array(r["original"]),
+        "protected_sha256": sha256_array(r["protected"]), "logo_sha256": sha256_array(logo),
+        "x": r["x"], "y": r["y"], "alpha": r["alpha"], "scale": r["scale"],
+        "delta_sha256": None if r["delta"] is None else sha256_array(r["delta"]),
+        "delta_scope": r.get("delta_scope", "footprint"), "polarity": r.get("polarity", "dark"),
+        "placement": r.get("placement", "mark"),
+        "dilation_px": r.get("dilation_px"),
+        "threshold": r["threshold"], "protected_path": rel_paths[r["id"]],
+    } for r in done]
+
+
+def _count(records: list[dict], key: str, values, marks_only: bool = True) -> dict[str, int]:
+    """How many records (marks only: ``placement == mark``) have ``record[key] == value``, per value."""
+    return {str(v): sum(r.get(key) == v and (not marks_only or r.get("placement", "mark") == "mark")
+                        for r in records) for v in values}
+
+
+def protection_summary(module, records: list[dict], done: list[dict]) -> dict:
+    """``protection.json``: accuracy per view (all / protected only), success rate, placement counts,
+    alpha, overlap, lesion change, PSNR (dB), black-box queries, removal settings and per-image rows."""
     n = len(records)
+    views = ("clean", "protected", "median", "jpeg", "inpaint")
 
     def acc(view: str, rs=records) -> float | None:
         return None if not rs else sum(r[f"pred_{view}"] == r["label"] for r in rs) / len(rs)
 
     queries = [r["queries"] for r in done if r["queries"] is not None]
-    summary = {
+    marks = [r for r in done if r.get("placement", "mark") == "mark"]
+    return {
         "method": module.variant, "search": module.search, "num_images": n, "num_protected": len(done),
-        "accuracy": {v: acc(v) for v in ("clean", "protected", "median", "jpeg", "inpaint")},
-        "accuracy_protected_only": {v: acc(v, done) for v in ("clean", "protected", "median", "jpeg", "inpaint")},
+        "accuracy": {v: acc(v) for v in views},
+        "accuracy_protected_only": {v: acc(v, done) for v in views},
         "success_rate": None if not done else sum(r["pred_protected"] != r["label"] for r in done) / len(done),
         "success_rate_all": sum(r["pred_protected"] != r["label"] for r in records) / n,
         "placements": {k: sum(r.get("placement", "mark") == k for r in records) for k in ("mark", "delta_only",
                                                                                             "none")},
         "scales": {str(s): sum(r["scale"] == s and r.get("placement", "mark") == "mark" for r in records)
                    for s in sorted({r["scale"] for r in records})},
-        "dilation_px": {str(d): sum(r.get("dilation_px") == d and r.get("placement", "mark") == "mark"
-                                    for r in records) for d in sorted({r.get("dilation_px") for r in records
-                                                                       if r.get("dilation_px") is not None})},
+        "dilation_px": _count(records, "dilation_px", sorted({r.get("dilation_px") for r in records
+                                                              if r.get("dilation_px") is not None})),
         "polarities": {k: sum(r.get("polarity", "dark") == k and r.get("placement", "mark") == "mark"
                               for r in records) for k in ("dark", "light")},
         "changed_in_region_px": int(sum(r.get("changed_in_region_px", 0) for r in records)),
-        "alpha_mean": None if not [r for r in done if r.get("placement", "mark") == "mark"] else
-        float(np.mean([r["alpha"] for r in done if r.get("placement", "mark") == "mark"])),
+        "alpha_mean": None if not marks else float(np.mean([r["alpha"] for r in marks])),
         "overlap_px_total": int(sum(r["overlap_px"] for r in records)),
         "lesion_max_change": int(max(r["lesion_max_change"] for r in records)),
         "psnr_mean": float(np.mean([r["psnr"] for r in done if math.isfinite(r["psnr"])] or [float("nan")])),
@@ -256,10 +264,33 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
                     "inpaint_radius": module.removal_cfg["inpaint_radius"]},
         "images": [{k: r.get(k) for k in ("id", "label", "placement", "x", "y", "alpha", "scale", "dilation_px",
                                           "polarity", "queries", "overlap_px", "pred_clean",
-                                      "pred_protected", "pred_median", "pred_jpeg", "pred_inpaint")} for r in records],
+                                          "pred_protected", "pred_median", "pred_jpeg", "pred_inpaint")}
+                   for r in records],
     }
-    (out / "protection.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
 
+
+def export_protection(out: Path, module, records: list[dict], datamodule, owner_id: str, private_key: str | None,
+                      master_key: str | None, data: dict, split: str = "test") -> dict:
+    """Write everything listed in the module docstring; returns the protection summary."""
+    out = Path(out)
+    root = Path(datamodule.dataset_root())
+    samples = {s.id: s for s in datamodule.splits[split]}
+    logo = module.logo_for(records[0]["original"].shape[0])
+    done = [r for r in records if r["protected_ok"]]
+    check_originals(records, samples, root, split)  # 1. the originals must be the stored files, bit for bit
+    key, mk, key_paths = _owner_keys(out / "owner", private_key, master_key)
+    prot_root = out / "protected"  # 2. protected images in the dataset layout (+ CSVs and lesion masks)
+    rel_paths = write_protected_layout(prot_root, done, samples, root)
+    np.save(out / "logo.npy", logo)  # 3. logo, deltas, restore blobs, certificates
+    deltas = {safe_name(r["id"]): r["delta"] for r in done if r["delta"] is not None}
+    if deltas:
+        np.savez_compressed(out / "deltas.npz", **deltas)
+    restore_dir = out / "restore"
+    write_restore_data(restore_dir, done, mk, rel_paths)
+    cert = sign_certificate(build_certificate(owner_id, certificate_entries(done, logo, rel_paths), module.variant), key)
+    save_certificate(out / "certificates.json", cert)
+    summary = protection_summary(module, records, done)  # 4. metrics
+    (out / "protection.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
     # 5. owner kit (no key material inside; the keys are separate 0600 files)
     secret = {
         "format": SECRET_FORMAT, "version": 1, "method": module.variant, "owner_id": owner_id,
@@ -277,7 +308,7 @@ def export_protection(out: Path, module, records: list[dict], datamodule, owner_
         "removal": summary["removal"],
     }
     write_secret_file(out / "owner" / "secret.json", (json.dumps(secret, indent=2) + "\n").encode("utf-8"))
-    log.info("protected %d/%d images -> %s (certificates, restore data, owner kit)", len(done), n, out)
+    log.info("protected %d/%d images -> %s (certificates, restore data, owner kit)", len(done), len(records), out)
     return summary
 
 
