@@ -1,5 +1,5 @@
 """False-positive study: K independently trained UNMARKED models must give 0 ownership claims at α,
-and the marked model must not verify under another owner's secret (METHODS.md §4, Ind-M / Ind-W).
+and the marked model must not verify under another owner's secret (docs/robustness.md, Ind-M / Ind-W).
 
     python benchmarks/false_positives.py secret=<run>/owner/secret.json out=<dir>             # K=10
     python benchmarks/false_positives.py secret=... K=4 backbones=own,unet_resnet34 epochs=2
@@ -173,6 +173,14 @@ def other_xmark_generator(doc: dict, secret_path: Path, out: Path, seed: int) ->
 # ----------------------------------------------------------------------------- report
 
 
+def evidence_details(e: dict, method: str) -> str:
+    """The method's secondary evidence of one verification, for a table cell."""
+    if method == "stealthmark":
+        return (f"response p {fmt(e.get('response_p_value'))}, QR p {fmt(e.get('qr_p_value'))}, decoded "
+                f"{e.get('decoded', '—')}")
+    return f"ΔP {fmt(e.get('delta_p'))}, WSR {fmt(e.get('wsr'), 2)}"
+
+
 def render_markdown(doc: dict) -> str:
     alpha = doc["alpha"]
     lines = [
@@ -192,9 +200,7 @@ def render_markdown(doc: dict) -> str:
     ]
     for m in doc["models"]:
         e = m["evidence"]
-        details = (f"response p {fmt(e.get('response_p_value'))}, QR p {fmt(e.get('qr_p_value'))}, decoded "
-                   f"{e.get('decoded', '—')}" if doc["method"] == "stealthmark" else
-                   f"ΔP {fmt(e.get('delta_p'))}, WSR {fmt(e.get('wsr'), 2)}")
+        details = evidence_details(e, doc["method"])
         lines.append(f"| {m['name']} | {m['backbone']} | {m['seed']} | {fmt(m['quality'])} | {m['exit_code']} "
                      f"| {fmt(e.get('verified'))} | {fmt(e.get('p_value'))} | {details} |")
     lines += ["", "## Another owner's secret against the marked model (Ind-W)", ""]
@@ -202,9 +208,7 @@ def render_markdown(doc: dict) -> str:
         lines += ["| control | exit | verified | p | details |", "|---|---|---|---|---|"]
         for c in doc["ind_w"]:
             e = c["evidence"]
-            details = (f"response p {fmt(e.get('response_p_value'))}, QR p {fmt(e.get('qr_p_value'))}, decoded "
-                       f"{e.get('decoded', '—')}" if doc["method"] == "stealthmark" else
-                       f"ΔP {fmt(e.get('delta_p'))}, WSR {fmt(e.get('wsr'), 2)}")
+            details = evidence_details(e, doc["method"])
             lines.append(f"| {c['name']} | {c['exit_code']} | {fmt(e.get('verified'))} | {fmt(e.get('p_value'))} "
                          f"| {details} |")
         lines += ["", "`other_payload_same_trigger` keeps the owner's trigger, so channel 1 (trigger response) "
@@ -247,7 +251,7 @@ def plot(doc: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- MedLocker / MIAD-MARK
 
-ADVMARK_METHODS = ("medlocker", "miadmark")
+MEDLOCKER_METHODS = ("medlocker", "miadmark")
 # the owner's own parameters, slightly changed and re-rendered from the originals (near misses)
 PERTURBATIONS = ("x+1", "y+1", "alpha+2/255", "alpha-2/255", "delta_changed")
 
@@ -290,38 +294,42 @@ def _image_margin(presented, certified) -> tuple[int, int]:
     return int((diff > 0).sum()), int(diff.max())
 
 
-def medlocker_false_positives(options: dict, secret: Path, doc: dict, out: Path, verify_over: list[str]) -> int:
-    """MedLocker / MIAD-MARK: an ownership claim is a certificate verification (module docstring, part 3)."""
-    import numpy as np
+class CertificateChecks:
+    """The owner's protection run as the certificate checks see it (module docstring, part 3).
 
-    from callbacks.medlocker import save_png, safe_name
-    from watermark.certificates import (build_certificate, generate_owner_keys, load_certificate, save_certificate,
-                                        save_private_key, save_public_key, sha256_array, sign_certificate)
-    from watermark.medlocker.logo import render_protected, render_qr_logo
-    from verification.medlocker import _load_npz, _read_image, read_secret
+    Attributes:
+        doc: the owner's secret; out: the study folder; entries: the certificate's entries;
+        logo: RGBA h×w×4; originals / certified: image id -> uint8 H×W×C (the unprotected file /
+        the owner's protected file); delta_of: image id -> δ (float32 H×W×C) or None.
+    """
 
-    read_secret(str(secret))
-    k, seed0 = int(options["K"]), int(options["seed0"])
-    rng = np.random.default_rng(seed0)
-    started = time.time()
-    cert = load_certificate(doc["certificates"])
-    entries = cert["entries"]
-    logo = np.load(doc["logo"], allow_pickle=False)
-    deltas = _load_npz(doc.get("deltas"))
-    root, prot_dir = Path(doc["dataset_root"]), Path(doc["protected_dir"])
-    originals = {e["image_id"]: _read_image(root / e["protected_path"]) for e in entries}
-    certified = {e["image_id"]: _read_image(prot_dir / e["protected_path"]) for e in entries}
-    delta_of = {e["image_id"]: deltas.get(safe_name(e["image_id"])) if e["delta_sha256"] else None for e in entries}
-    common = [f"secret={secret}", "mode=certificate", *verify_over]
+    def __init__(self, secret: Path, doc: dict, out: Path, verify_over: list[str]):
+        import numpy as np
 
-    def check(name: str, kind: str, images: Path, presented: dict, extra: list[str] | None = None,
+        from callbacks.medlocker import safe_name
+        from verification.medlocker import _load_npz, _read_image
+        from watermark.certificates import load_certificate
+
+        self.secret, self.doc, self.out = secret, doc, out
+        self.entries = load_certificate(doc["certificates"])["entries"]
+        self.logo = np.load(doc["logo"], allow_pickle=False)
+        deltas = _load_npz(doc.get("deltas"))
+        self.root, self.prot_dir = Path(doc["dataset_root"]), Path(doc["protected_dir"])
+        self.originals = {e["image_id"]: _read_image(self.root / e["protected_path"]) for e in self.entries}
+        self.certified = {e["image_id"]: _read_image(self.prot_dir / e["protected_path"]) for e in self.entries}
+        self.delta_of = {e["image_id"]: deltas.get(safe_name(e["image_id"])) if e["delta_sha256"] else None
+                         for e in self.entries}
+        self.common = [f"secret={secret}", "mode=certificate", *verify_over]
+
+    def check(self, name: str, kind: str, images: Path, presented: dict, extra: list[str] | None = None,
               secret_over: Path | None = None, impostors: bool = True) -> dict:
         """One verify.py certificate check. An image claim = a valid signature AND a bit-exact re-render;
         with ``impostors`` only images that differ from the certified one count (an identical image is the
         owner's); without (Ind-W), every claim counts: the images are the owner's, the secret is not."""
-        over = ([f"secret={secret_over}"] if secret_over else []) + [o for o in common if not (
+        certified = self.certified
+        over = ([f"secret={secret_over}"] if secret_over else []) + [o for o in self.common if not (
             secret_over and o.startswith("secret="))] + [f"images={images}", *(extra or [])]
-        code, report, error = run_verify(over, out / "verify" / name)
+        code, report, error = run_verify(over, self.out / "verify" / name)
         rows = {r["id"]: r for r in (report or {}).get("images", [])}
         margins = [_image_margin(presented[i], certified[i]) for i in presented if i in certified]
         identical = sum(m[0] == 0 for m in margins)
@@ -336,100 +344,116 @@ def medlocker_false_positives(options: dict, secret: Path, doc: dict, out: Path,
                 "min_pixels_differing": min((m[0] for m in differing), default=None),
                 "min_max_level_difference": min((m[1] for m in differing), default=None)}
 
-    sets: list[dict] = []
+    def write_set(self, name: str, images: dict) -> Path:
+        """The presented images as PNGs in the dataset layout under ``out/sets/<name>``."""
+        from callbacks.medlocker import save_png
 
-    def write_set(name: str, images: dict) -> Path:
-        folder = out / "sets" / name
-        for e in entries:
+        folder = self.out / "sets" / name
+        for e in self.entries:
             if e["image_id"] in images:
                 save_png(folder / e["protected_path"], images[e["image_id"]])
         return folder
 
-    # other owners: own key pair, own logo (QR of another id), own δ, same renderer and placements
+
+def other_owner_kit(ctx: CertificateChecks, i: int, rng) -> tuple[str, Path, Path, dict]:
+    """Another owner's kit: own Ed25519 key pair, own QR logo, own δ (signs flipped at random), the
+    owner's placements and renderer; written under ``out/others/<name>``. Returns name, kit folder,
+    images folder and image id -> uint8 image."""
+    import numpy as np
+
+    from callbacks.medlocker import safe_name
+    from watermark.certificates import (build_certificate, generate_owner_keys, save_certificate, save_private_key,
+                                        save_public_key, sha256_array, sign_certificate)
+    from watermark.medlocker.logo import render_protected, render_qr_logo
+
+    name = f"other_owner_{i + 1}"
+    folder = ctx.out / "others" / name
+    private_pem, public_pem = generate_owner_keys()
+    save_private_key(folder / "owner_private_key.pem", private_pem)
+    save_public_key(folder / "public_key.pem", public_pem)
+    other_logo = render_qr_logo(f"other-{i + 1}", ctx.logo.shape[0], error_correction="L")
+    images, other_entries, other_deltas = {}, [], {}
+    for e in ctx.entries:
+        image_id = e["image_id"]
+        d = ctx.delta_of[image_id]
+        if d is not None:
+            d = (d * np.where(rng.random(d.shape) < 0.5, -1.0, 1.0)).astype(np.float32)
+            other_deltas[safe_name(image_id)] = d
+        scope = e.get("delta_scope", "footprint")
+        img = render_protected(ctx.originals[image_id], other_logo, e["x"], e["y"], e["alpha"], e["scale"], d,
+                               delta_scope=scope)
+        images[image_id] = img
+        other_entries.append({**{f: e[f] for f in ("image_id", "x", "y", "alpha", "scale", "threshold",
+                                                  "protected_path")},
+                              "original_sha256": sha256_array(ctx.originals[image_id]),
+                              "protected_sha256": sha256_array(img), "logo_sha256": sha256_array(other_logo),
+                              "delta_sha256": None if d is None else sha256_array(d), "delta_scope": scope})
+    other_cert = sign_certificate(build_certificate(f"other-owner-{i + 1}", other_entries, ctx.doc["method"]),
+                                  private_pem)
+    save_certificate(folder / "certificates.json", other_cert)
+    np.save(folder / "logo.npy", other_logo)
+    if other_deltas:
+        np.savez_compressed(folder / "deltas.npz", **other_deltas)
+    images_dir = ctx.write_set(name, images)
+    other_secret = {**ctx.doc, "owner_id": f"other-owner-{i + 1}", "certificates": str(folder / "certificates.json"),
+                    "public_key": str(folder / "public_key.pem"), "logo": str(folder / "logo.npy"),
+                    "deltas": str(folder / "deltas.npz") if other_deltas else None, "protected_dir": str(images_dir),
+                    "private_key_file": str(folder / "owner_private_key.pem"), "master_key_file": None}
+    (folder / "secret.json").write_text(json.dumps(other_secret, indent=2) + "\n")
+    return name, folder, images_dir, images
+
+
+def impostor_sets(ctx: CertificateChecks, options: dict, k: int, rng) -> tuple[list[dict], list[tuple]]:
+    """The checks of image sets the owner did not protect: other owners (their images vs the owner's
+    certificate, their certificate under the owner's key), the clean originals, the owner's parameters
+    perturbed and re-rendered, and ``others=`` real runs. Returns the set rows and the other owners."""
+    from verification.medlocker import _read_image
+    from watermark.certificates import load_certificate
+    from watermark.medlocker.logo import render_protected
+
+    runs = [o for o in (options.get("others") or "").split(",") if o]
+    sets: list[dict] = []
     others = []
-    n_other = max(1, k - 1 - len(PERTURBATIONS) - len([o for o in (options.get("others") or "").split(",") if o]))
-    for i in range(n_other):
-        name = f"other_owner_{i + 1}"
-        folder = out / "others" / name
-        private_pem, public_pem = generate_owner_keys()
-        save_private_key(folder / "owner_private_key.pem", private_pem)
-        save_public_key(folder / "public_key.pem", public_pem)
-        other_logo = render_qr_logo(f"other-{i + 1}", logo.shape[0],
-                                    error_correction="L")
-        images, other_entries, other_deltas = {}, [], {}
-        for e in entries:
-            image_id = e["image_id"]
-            d = delta_of[image_id]
-            if d is not None:
-                d = (d * np.where(rng.random(d.shape) < 0.5, -1.0, 1.0)).astype(np.float32)
-                other_deltas[safe_name(image_id)] = d
-            scope = e.get("delta_scope", "footprint")
-            img = render_protected(originals[image_id], other_logo, e["x"], e["y"], e["alpha"], e["scale"], d,
-                                   delta_scope=scope)
-            images[image_id] = img
-            other_entries.append({**{f: e[f] for f in ("image_id", "x", "y", "alpha", "scale", "threshold",
-                                                      "protected_path")},
-                                  "original_sha256": sha256_array(originals[image_id]),
-                                  "protected_sha256": sha256_array(img), "logo_sha256": sha256_array(other_logo),
-                                  "delta_sha256": None if d is None else sha256_array(d), "delta_scope": scope})
-        other_cert = sign_certificate(build_certificate(f"other-owner-{i + 1}", other_entries, doc["method"]),
-                                      private_pem)
-        save_certificate(folder / "certificates.json", other_cert)
-        np.save(folder / "logo.npy", other_logo)
-        if other_deltas:
-            np.savez_compressed(folder / "deltas.npz", **other_deltas)
-        images_dir = write_set(name, images)
-        other_secret = {**doc, "owner_id": f"other-owner-{i + 1}", "certificates": str(folder / "certificates.json"),
-                        "public_key": str(folder / "public_key.pem"), "logo": str(folder / "logo.npy"),
-                        "deltas": str(folder / "deltas.npz") if other_deltas else None, "protected_dir": str(images_dir),
-                        "private_key_file": str(folder / "owner_private_key.pem"), "master_key_file": None}
-        (folder / "secret.json").write_text(json.dumps(other_secret, indent=2) + "\n")
+    for i in range(max(1, k - 1 - len(PERTURBATIONS) - len(runs))):
+        name, folder, images_dir, images = other_owner_kit(ctx, i, rng)
         others.append((name, folder, images_dir))
         print(f"=== {name}: another owner's key and logo", flush=True)
-        # (a) their images against the owner's certificate; (b) their certificate under the owner's public key
-        sets.append(check(name, "another owner's images vs the owner's certificate", images_dir, images))
-        sets[-1]["signature_check"] = check(f"{name}_signature", "another owner's kit (its certificate re-renders "
-                                            "its images) under the owner's public key", images_dir, images,
-                                            [f"public_key={doc['public_key']}"], secret_over=folder / "secret.json")
-
-    # the clean originals (never protected)
+        sets.append(ctx.check(name, "another owner's images vs the owner's certificate", images_dir, images))
+        sets[-1]["signature_check"] = ctx.check(f"{name}_signature", "another owner's kit (its certificate "
+                                                "re-renders its images) under the owner's public key", images_dir,
+                                                images, [f"public_key={ctx.doc['public_key']}"],
+                                                secret_over=folder / "secret.json")
     print("=== clean originals", flush=True)
-    sets.append(check("clean_originals", "the unprotected originals", root, originals))
-    # the owner's own parameters, perturbed and re-rendered (the nearest impostors)
-    for kind in PERTURBATIONS:
+    sets.append(ctx.check("clean_originals", "the unprotected originals", ctx.root, ctx.originals))
+    for kind in PERTURBATIONS:  # the nearest impostors
         images = {}
-        for e in entries:
-            x, y, alpha, scale, d = _perturbed_params(e, delta_of[e["image_id"]], kind, rng)
-            images[e["image_id"]] = render_protected(originals[e["image_id"]], logo, x, y, alpha, scale, d,
+        for e in ctx.entries:
+            x, y, alpha, scale, d = _perturbed_params(e, ctx.delta_of[e["image_id"]], kind, rng)
+            images[e["image_id"]] = render_protected(ctx.originals[e["image_id"]], ctx.logo, x, y, alpha, scale, d,
                                                      delta_scope=e.get("delta_scope", "footprint"))
         name = f"perturbed_{kind.replace('/', '_')}"
         print(f"=== {name}", flush=True)
-        sets.append(check(name, f"the owner's parameters with {kind}, re-rendered", write_set(name, images), images))
-    # other real protection runs (their own keys), e.g. another method's run on the same images
-    for other in [o for o in (options.get("others") or "").split(",") if o]:
+        sets.append(ctx.check(name, f"the owner's parameters with {kind}, re-rendered", ctx.write_set(name, images),
+                              images))
+    for other in runs:  # other real protection runs (their own keys)
         other_doc = json.loads(Path(other).read_text())
         other_root = Path(other_doc["protected_dir"])
         other_cert = load_certificate(other_doc["certificates"])
         images = {e["image_id"]: _read_image(other_root / e["protected_path"]) for e in other_cert["entries"]
-                  if e["image_id"] in certified}
+                  if e["image_id"] in ctx.certified}
         name = f"other_run_{Path(other).resolve().parents[1].name}"
         print(f"=== {name}", flush=True)
-        sets.append(check(name, "images of another protection run (its own keys)", other_root, images))
-        sets[-1]["signature_check"] = check(f"{name}_signature", "that run's kit under the owner's public key",
-                                            other_root, images, [f"public_key={doc['public_key']}"],
-                                            secret_over=Path(other))
+        sets.append(ctx.check(name, "images of another protection run (its own keys)", other_root, images))
+        sets[-1]["signature_check"] = ctx.check(f"{name}_signature", "that run's kit under the owner's public key",
+                                                other_root, images, [f"public_key={ctx.doc['public_key']}"],
+                                                secret_over=Path(other))
+    return sets, others
 
-    # Ind-W: another owner's secret against the owner's protected set; positive control: the owner's own
-    ind_w = []
-    if others:
-        name, folder, _ = others[0]
-        ind_w.append(check("ind_w_other_secret", "another owner's secret (certificate + public key) vs the "
-                           "owner's protected images", prot_dir, certified, secret_over=folder / "secret.json",
-                           impostors=False))
-        ind_w.append(check("ind_w_other_public_key", "the owner's certificate under another owner's public key",
-                           prot_dir, certified, [f"public_key={folder / 'public_key.pem'}"], impostors=False))
-    control = check("owner_control", "the owner's secret vs the owner's protected images (must verify)", prot_dir,
-                    certified, impostors=False)
+
+def medlocker_result(ctx: CertificateChecks, sets: list[dict], ind_w: list[dict], control: dict,
+                     started: float) -> dict:
+    """``false_positives.json`` of the certificate study: claims per set and per image, foreign
+    signatures accepted, the smallest margins, Ind-W claims and the owner's control."""
     claims = sum(s["false_image_claims"] for s in sets) + sum(s.get("signature_check", {}).get(
         "false_image_claims", 0) for s in sets)
     set_claims = sum(s["verified"] for s in sets) + sum(bool(s.get("signature_check", {}).get("verified"))
@@ -437,10 +461,10 @@ def medlocker_false_positives(options: dict, secret: Path, doc: dict, out: Path,
     forged_sigs = sum(bool(s["signature_check"]["signature_valid"]) for s in sets if "signature_check" in s)
     margins = [s["min_pixels_differing"] for s in sets if s["min_pixels_differing"] is not None]
     levels = [s["min_max_level_difference"] for s in sets if s["min_max_level_difference"] is not None]
-    result = {
-        "benchmark": "false_positives", "method": doc["method"], "secret": str(secret), "K": len(sets),
-        "images_per_set": len(entries), "claim": "certificate: Ed25519 signature under the owner's public key and a "
-        "bit-exact re-render of every presented image from its original",
+    return {
+        "benchmark": "false_positives", "method": ctx.doc["method"], "secret": str(ctx.secret), "K": len(sets),
+        "images_per_set": len(ctx.entries), "claim": "certificate: Ed25519 signature under the owner's public key "
+        "and a bit-exact re-render of every presented image from its original",
         "sets": sets, "false_claims": set_claims, "false_image_claims": claims,
         "foreign_signatures_accepted": forged_sigs,
         "smallest_margin_pixels": min(margins) if margins else None,
@@ -450,10 +474,38 @@ def medlocker_false_positives(options: dict, secret: Path, doc: dict, out: Path,
         "owner_control": control, "seconds": round(time.time() - started, 1),
         "failed_runs": sum(s["exit_code"] == 2 for s in sets + ind_w),
     }
+
+
+def medlocker_false_positives(options: dict, secret: Path, doc: dict, out: Path, verify_over: list[str]) -> int:
+    """MedLocker / MIAD-MARK: an ownership claim is a certificate verification (module docstring, part 3)."""
+    import numpy as np
+
+    from verification.medlocker import read_secret
+
+    read_secret(str(secret))
+    k, seed0 = int(options["K"]), int(options["seed0"])
+    rng = np.random.default_rng(seed0)
+    started = time.time()
+    ctx = CertificateChecks(secret, doc, out, verify_over)
+    sets, others = impostor_sets(ctx, options, k, rng)
+    # Ind-W: another owner's secret against the owner's protected set; positive control: the owner's own
+    ind_w = []
+    if others:
+        name, folder, _ = others[0]
+        ind_w.append(ctx.check("ind_w_other_secret", "another owner's secret (certificate + public key) vs the "
+                               "owner's protected images", ctx.prot_dir, ctx.certified,
+                               secret_over=folder / "secret.json", impostors=False))
+        ind_w.append(ctx.check("ind_w_other_public_key", "the owner's certificate under another owner's public key",
+                               ctx.prot_dir, ctx.certified, [f"public_key={folder / 'public_key.pem'}"],
+                               impostors=False))
+    control = ctx.check("owner_control", "the owner's secret vs the owner's protected images (must verify)",
+                        ctx.prot_dir, ctx.certified, impostors=False)
+    result = medlocker_result(ctx, sets, ind_w, control, started)
     (out / "false_positives.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "false_positives.md").write_text(render_medlocker_markdown(result))
-    print(f"\nfalse positives ({doc['method']}): {set_claims}/{len(sets)} sets verified, {claims} image claims among "
-          f"{len(sets) * len(entries)} images; foreign signatures accepted {forged_sigs}; smallest margin "
+    print(f"\nfalse positives ({doc['method']}): {result['false_claims']}/{len(sets)} sets verified, "
+          f"{result['false_image_claims']} image claims among {len(sets) * len(ctx.entries)} images; foreign "
+          f"signatures accepted {result['foreign_signatures_accepted']}; smallest margin "
           f"{result['smallest_margin_pixels']} px / {result['smallest_margin_levels']} grey levels; Ind-W claims "
           f"{result['ind_w_false_claims']}; owner control verified={control['verified']}; "
           f"{out / 'false_positives.md'}", flush=True)
@@ -487,77 +539,84 @@ def render_medlocker_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+class UsageError(Exception):
+    """A bad command line or secret; the message is printed after ``error:`` and the CLI exits 2."""
+
+
+def read_options(argv: list[str]) -> tuple[dict, list[str], Path, str]:
+    """Options, verify.py overrides, the secret's path and method.
+
+    Raises:
+        UsageError: no secret=, an unknown preset, a non-integer K / seed0 / epochs / train_batches,
+            an unreadable secret or a method the study does not cover.
+    """
     known = {"secret": None, "K": "10", "out": "logs/false_positives", "backbones": "own", "seed0": "1000",
              "epochs": "1", "train_batches": "", "preset": "quick", "device": "cpu", "suspect": None,
              "other": None, "ind_w": "true", "others": ""}
-    options, verify_over = parse_args(sys.argv[1:] if argv is None else argv, known, USAGE)
+    options, verify_over = parse_args(argv, known, USAGE)
     if not options["secret"]:
-        print(f"error: secret= is required\n{USAGE}", file=sys.stderr)
-        return 2
+        raise UsageError(f"secret= is required\n{USAGE}")
     if options["preset"] not in PRESETS:
-        print(f"error: preset must be one of {sorted(PRESETS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"preset must be one of {sorted(PRESETS)}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     secret = Path(options["secret"]).resolve()
     try:
         method = secret_method(secret)
-        k, seed0, epochs = int(options["K"]), int(options["seed0"]), int(options["epochs"])
-        train_batches = int(options["train_batches"]) if options["train_batches"] else None
+        for name in ("K", "seed0", "epochs"):
+            options[name] = int(options[name])
+        options["train_batches"] = int(options["train_batches"]) if options["train_batches"] else None
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if method not in ("stealthmark", "xmark", *ADVMARK_METHODS):
-        print(f"error: the false-positive study covers stealthmark, xmark, medlocker and miadmark; the secret is "
-              f"{method}", file=sys.stderr)
-        return 2
-    doc = json.loads(secret.read_text())
-    out = Path(options["out"])
-    out = out if out.is_absolute() else (_ROOT / out)
-    out.mkdir(parents=True, exist_ok=True)
-    if method in ADVMARK_METHODS:
-        return medlocker_false_positives(options, secret, doc, out, verify_over)
-    data = dict(doc["verification"]["data"])
+        raise UsageError(str(err)) from None
+    if method not in ("stealthmark", "xmark", *MEDLOCKER_METHODS):
+        raise UsageError(f"the false-positive study covers stealthmark, xmark, medlocker and miadmark; the secret is "
+                         f"{method}")
+    return options, verify_over, secret, method
+
+
+def owner_model(method: str, doc: dict, secret: Path, options: dict, verify_over: list[str]
+                ) -> tuple[float, str | None, Any, dict | None, list[str]]:
+    """The checked secret's test level alpha (``verify.alpha=`` wins), the marked model, its
+    ``secret_sha256`` function, the ``own`` backbone config (when ``backbones=`` names it) and the backbones.
+
+    Raises:
+        UsageError: ``backbones=own`` without a marked model to copy it from.
+    """
     if method == "stealthmark":
         from watermark.stealthmark.kit import read_secret, secret_sha256
 
         read_secret(secret)
-        alpha = float(doc["thresholds"]["alpha"])
         marked = options["suspect"] or doc["model"].get("checkpoint")
     else:
         from watermark.xmark.kit import read_xmark_secret, secret_sha256
 
         read_xmark_secret(secret)
-        alpha = float(doc["thresholds"]["alpha"])
         marked = options["suspect"]
+    alpha = float(doc["thresholds"]["alpha"])
     for item in verify_over:
         if item.startswith("verify.alpha="):
             alpha = float(item.split("=", 1)[1])
     backbones = [b.strip() for b in options["backbones"].split(",") if b.strip()]
     own = None
     if "own" in backbones:
-        if method == "stealthmark" and marked:
-            own = _checkpoint_backbone(marked)
-        elif method == "xmark" and marked:
-            own = _checkpoint_backbone(marked)
-        else:
-            print("error: backbones=own needs the marked model (suspect=<ckpt>) to copy its backbone",
-                  file=sys.stderr)
-            return 2
-    user_keys = {o.split("=", 1)[0] for o in verify_over}
-    preset = [o for o in PRESETS[options["preset"]][method] if o.split("=", 1)[0] not in user_keys]
-    common = [f"secret={secret}", f"device={options['device']}", *preset, *verify_over]
+        if not marked:
+            raise UsageError("backbones=own needs the marked model (suspect=<ckpt>) to copy its backbone")
+        own = _checkpoint_backbone(marked)
+    return alpha, marked, secret_sha256, own, backbones
 
-    started = time.time()
+
+def unmarked_models(data: dict, backbones: list[str], own: dict | None, common: list[str], options: dict,
+                    out: Path, method: str) -> list[dict[str, Any]]:
+    """Ind-M: K ``method=task`` runs (seeds ``seed0 + i``, backbones cycled), each verified; one row each."""
     models: list[dict[str, Any]] = []
-    for i in range(k):
-        seed, backbone = seed0 + i, backbones[i % len(backbones)]
+    for i in range(options["K"]):
+        seed, backbone = options["seed0"] + i, backbones[i % len(backbones)]
         name = f"unmarked_{i:02d}"
         run_dir = out / "models" / name
-        print(f"\n=== {name}: method=task backbone={backbone} seed={seed} epochs={epochs}", flush=True)
+        print(f"\n=== {name}: method=task backbone={backbone} seed={seed} epochs={options['epochs']}", flush=True)
         t0 = time.time()
         try:
-            summary = train_unmarked(data, backbone, own, seed, run_dir, epochs, train_batches, options["device"])
+            summary = train_unmarked(data, backbone, own, seed, run_dir, options["epochs"], options["train_batches"],
+                                     options["device"])
         except Exception as err:  # a failed run is reported, the study goes on
             models.append({"name": name, "backbone": backbone, "seed": seed, "exit_code": 2, "evidence": {},
                            "quality": None, "error": f"training: {type(err).__name__}: {err}"})
@@ -570,27 +629,55 @@ def main(argv: list[str] | None = None) -> int:
                        "evidence": evidence(report, method), "train_seconds": round(train_seconds, 1),
                        "seconds": round(time.time() - t0, 1)})
         print(f"=== {name}: exit {code}, p={models[-1]['evidence'].get('p_value')}", flush=True)
+    return models
 
+
+def another_owner(method: str, doc: dict, secret: Path, marked: str | None, common: list[str], preset: list[str],
+                  verify_over: list[str], options: dict, out: Path) -> tuple[list[dict], str | None]:
+    """Ind-W: the marked model against another owner's secret (StealthMark) / generator (X-Mark);
+    returns the rows and a note when skipped."""
     ind_w: list[dict] = []
-    note = None
-    if options["ind_w"].lower() in ("true", "1", "yes"):
-        if not marked:
-            note = "skipped: no marked model (pass suspect=<marked model .ckpt>)"
-        elif method == "stealthmark":
-            others = ({"other_owner": Path(options["other"])} if options["other"] else
-                      other_stealthmark_secrets(doc, out / "ind_w", seed0 + 7919))
-            for name, path in others.items():
-                over = [f"secret={path}", f"suspect={marked}", f"device={options['device']}", *preset, *verify_over]
-                code, report, error = run_verify(over, out / "ind_w" / name / "report")
-                ind_w.append({"name": name, "exit_code": code, "error": error, "evidence": evidence(report, method)})
-        else:
-            generator = (Path(options["other"]) if options["other"] else
-                         other_xmark_generator(doc, secret, out / "ind_w", seed0 + 7919))
-            code, report, error = run_verify([*common, f"suspect={marked}", f"verify.watermark={generator}"],
-                                             out / "ind_w" / "other_owner" / "report")
-            ind_w.append({"name": "other_owner", "exit_code": code, "error": error,
-                          "evidence": evidence(report, method)})
+    if options["ind_w"].lower() not in ("true", "1", "yes"):
+        return ind_w, None
+    if not marked:
+        return ind_w, "skipped: no marked model (pass suspect=<marked model .ckpt>)"
+    if method == "stealthmark":
+        others = ({"other_owner": Path(options["other"])} if options["other"] else
+                  other_stealthmark_secrets(doc, out / "ind_w", options["seed0"] + 7919))
+        for name, path in others.items():
+            over = [f"secret={path}", f"suspect={marked}", f"device={options['device']}", *preset, *verify_over]
+            code, report, error = run_verify(over, out / "ind_w" / name / "report")
+            ind_w.append({"name": name, "exit_code": code, "error": error, "evidence": evidence(report, method)})
+    else:
+        generator = (Path(options["other"]) if options["other"] else
+                     other_xmark_generator(doc, secret, out / "ind_w", options["seed0"] + 7919))
+        code, report, error = run_verify([*common, f"suspect={marked}", f"verify.watermark={generator}"],
+                                         out / "ind_w" / "other_owner" / "report")
+        ind_w.append({"name": "other_owner", "exit_code": code, "error": error, "evidence": evidence(report, method)})
+    return ind_w, None
 
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        options, verify_over, secret, method = read_options(sys.argv[1:] if argv is None else argv)
+        doc = json.loads(secret.read_text())
+        out = Path(options["out"])
+        out = out if out.is_absolute() else (_ROOT / out)
+        out.mkdir(parents=True, exist_ok=True)
+        if method in MEDLOCKER_METHODS:
+            return medlocker_false_positives(options, secret, doc, out, verify_over)
+        data = dict(doc["verification"]["data"])
+        alpha, marked, secret_sha256, own, backbones = owner_model(method, doc, secret, options, verify_over)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    k, seed0 = options["K"], options["seed0"]
+    user_keys = {o.split("=", 1)[0] for o in verify_over}
+    preset = [o for o in PRESETS[options["preset"]][method] if o.split("=", 1)[0] not in user_keys]
+    common = [f"secret={secret}", f"device={options['device']}", *preset, *verify_over]
+    started = time.time()
+    models = unmarked_models(data, backbones, own, common, options, out, method)
+    ind_w, note = another_owner(method, doc, secret, marked, common, preset, verify_over, options, out)
     pvalues = [m["evidence"]["p_value"] for m in models if m["evidence"]]
     result = {
         "benchmark": "false_positives",
@@ -601,8 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         "verify_overrides": [*PRESETS[options["preset"]][method], *verify_over],
         "alpha": alpha,
         "K": k,
-        "budget": {"epochs": epochs, "train_batches": train_batches, "image_size": data.get("image_size"),
-                   "backbones": backbones, "seeds": [seed0 + i for i in range(k)]},
+        "budget": {"epochs": options["epochs"], "train_batches": options["train_batches"],
+                   "image_size": data.get("image_size"), "backbones": backbones,
+                   "seeds": [seed0 + i for i in range(k)]},
         "quality_metric": "val/dice" if data.get("task", "segmentation") == "segmentation" else "val/balanced_accuracy",
         "models": models,
         "false_claims": sum(bool(m["evidence"].get("verified")) for m in models),

@@ -1,5 +1,5 @@
 """Robustness study: does the ownership evidence survive the thief's removal attacks, and what
-task quality is left to the thief? (METHODS.md §4)
+task quality is left to the thief? (docs/robustness.md)
 
     python benchmarks/robustness.py secret=<run>/owner/secret.json suspect=<marked.ckpt> out=<dir>
     python benchmarks/robustness.py secret=... suspect=... preset=full                 # LIME evidence (slow)
@@ -48,21 +48,13 @@ from verification.protocols import secret_method  # noqa: E402
 # entry -> (attack config, parameters)
 GRID: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
-    "finetune_1ep": ("finetune", {"epochs": 1}),
-    "finetune_3ep": ("finetune", {"epochs": 3}),
-    "prune_0.1": ("prune", {"amount": 0.1}),
-    "prune_0.3": ("prune", {"amount": 0.3}),
-    "prune_0.5": ("prune", {"amount": 0.5}),
-    "prune_0.7": ("prune", {"amount": 0.7}),
+    **{f"finetune_{n}ep": ("finetune", {"epochs": n}) for n in (1, 3)},
+    **{f"prune_{v}": ("prune", {"amount": v}) for v in (0.1, 0.3, 0.5, 0.7)},
     "quantize": ("quantize", {}),
     "distill": ("distill", {}),
-    "jpeg_90": ("jpeg", {"quality": 90}),
-    "jpeg_75": ("jpeg", {"quality": 75}),
-    "jpeg_50": ("jpeg", {"quality": 50}),
-    "resize_0.5": ("resize", {"factor": 0.5}),
-    "resize_0.75": ("resize", {"factor": 0.75}),
-    "noise_0.01": ("noise", {"sigma": 0.01}),
-    "noise_0.03": ("noise", {"sigma": 0.03}),
+    **{f"jpeg_{q}": ("jpeg", {"quality": q}) for q in (90, 75, 50)},
+    **{f"resize_{v}": ("resize", {"factor": v}) for v in (0.5, 0.75)},
+    **{f"noise_{v}": ("noise", {"sigma": v}) for v in (0.01, 0.03)},
     "crop_0.9": ("crop", {"fraction": 0.9}),
 }
 ATTACK_NAMES = sorted({a for a, _ in GRID.values()})
@@ -171,21 +163,28 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+class UsageError(Exception):
+    """A bad command line; the message is printed after ``error:`` and the CLI exits 2."""
+
+
+def read_options(argv: list[str]) -> tuple[dict, list[str], list[str], dict[str, list[str]], str]:
+    """Options, grid entries, verify.py overrides, per-attack overrides and the secret's method.
+
+    Raises:
+        UsageError: a missing secret= / suspect=, unknown preset or grid entry, an unreadable
+            secret, or a method the study does not verify.
+    """
     known = {"secret": None, "suspect": None, "out": "logs/robustness", "attacks": "all", "preset": "quick",
              "device": "cpu", "quality_split": "test"}
-    options, extra = parse_args(sys.argv[1:] if argv is None else argv, known, USAGE)
+    options, extra = parse_args(argv, known, USAGE)
     if not options["secret"] or not options["suspect"]:
-        print(f"error: secret= and suspect= are required\n{USAGE}", file=sys.stderr)
-        return 2
+        raise UsageError(f"secret= and suspect= are required\n{USAGE}")
     if options["preset"] not in PRESETS:
-        print(f"error: preset must be one of {sorted(PRESETS)}, got {options['preset']!r}", file=sys.stderr)
-        return 2
+        raise UsageError(f"preset must be one of {sorted(PRESETS)}, got {options['preset']!r}")
     entries = list(GRID) if options["attacks"] in ("all", "") else [e.strip() for e in options["attacks"].split(",")]
     unknown = [e for e in entries if e not in GRID]
     if unknown:
-        print(f"error: attacks= has unknown entries {unknown}; the grid is {', '.join(GRID)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"attacks= has unknown entries {unknown}; the grid is {', '.join(GRID)}")
     verify_over, per_attack = [], {}
     for item in extra:
         key = item.split("=", 1)[0]
@@ -198,23 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         method = secret_method(options["secret"])
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
     if method not in ("stealthmark", "xmark"):
-        print(f"error: the robustness study verifies models (stealthmark, xmark); the secret is {method}", file=sys.stderr)
-        return 2
-    task = "segmentation" if method == "stealthmark" else "classification"
-    preset = PRESETS[options["preset"]]
-    out = Path(options["out"])
-    out = out if out.is_absolute() else (_ROOT / out)
-    out.mkdir(parents=True, exist_ok=True)
-    user_keys = {o.split("=", 1)[0] for o in verify_over}
-    common = [f"secret={Path(options['secret']).resolve()}", f"suspect={options['suspect']}",
-              f"device={options['device']}", *[o for o in preset[method] if o.split("=", 1)[0] not in user_keys],
-              *verify_over]
-    quality_over = [f"attack.quality_split={options['quality_split']}"] if options["quality_split"] != "none" else []
+        raise UsageError(f"the robustness study verifies models (stealthmark, xmark); the secret is {method}")
+    return options, entries, verify_over, per_attack, method
 
-    started = time.time()
+
+def run_grid(entries: list[str], common: list[str], preset: dict, per_attack: dict[str, list[str]],
+             quality_over: list[str], out: Path, method: str) -> list[dict]:
+    """``verify.py`` once per grid entry (in-process, report under ``out/<entry>``); one row each."""
     rows: list[dict] = []
     for entry in entries:
         over = common + grid_overrides(entry, preset, per_attack) + quality_over
@@ -232,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"=== {entry}: exit {code}, {json.dumps({**rows[-1]['evidence'], 'quality': rows[-1]['quality']})} "
               f"({rows[-1]['seconds']:.0f} s)", flush=True)
+    return rows
 
+
+def judge_rows(rows: list[dict]) -> tuple[Any, Any]:
+    """Adds ``quality_drop``, ``quality_kept`` and ``survives`` to each row (against the ``none``
+    entry); returns the unattacked quality and the test level alpha of its report."""
     base = next((r for r in rows if r["entry"] == "none"), None)
     baseline = base["quality"] if base else None
     for r in rows:
@@ -244,6 +240,28 @@ def main(argv: list[str] | None = None) -> int:
     if base and base.get("report"):
         rep = json.loads(Path(base["report"]).read_text())
         alpha = (rep.get("thresholds") or {}).get("alpha") or rep.get("alpha")
+    return baseline, alpha
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        options, entries, verify_over, per_attack, method = read_options(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    task = "segmentation" if method == "stealthmark" else "classification"
+    preset = PRESETS[options["preset"]]
+    out = Path(options["out"])
+    out = out if out.is_absolute() else (_ROOT / out)
+    out.mkdir(parents=True, exist_ok=True)
+    user_keys = {o.split("=", 1)[0] for o in verify_over}
+    common = [f"secret={Path(options['secret']).resolve()}", f"suspect={options['suspect']}",
+              f"device={options['device']}", *[o for o in preset[method] if o.split("=", 1)[0] not in user_keys],
+              *verify_over]
+    quality_over = [f"attack.quality_split={options['quality_split']}"] if options["quality_split"] != "none" else []
+    started = time.time()
+    rows = run_grid(entries, common, preset, per_attack, quality_over, out, method)
+    baseline, alpha = judge_rows(rows)
     secret_doc = json.loads(Path(options["secret"]).read_text())
     from watermark.stealthmark.kit import secret_sha256
 

@@ -30,25 +30,11 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
 
 import utils.resolvers  # noqa: E402,F401
+from benchmarks._timing import StepTimer  # noqa: E402
 from watermark.stealthmark import explain  # noqa: E402
 from watermark.stealthmark.evidence import quiet_lime  # noqa: E402
-
-
-class StepTimer(Callback):
-    """Wall time of every training batch (forward, backward, optimiser step, key-sample construction)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def compose_cfg(method: str, args: argparse.Namespace, tmp: Path):
@@ -81,7 +67,7 @@ def time_training(cfg, datamodule, steps: int, warmup: int) -> list[float]:
     return timer.times[warmup:]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="stealthmark_synthetic")
     parser.add_argument("--backbone", default=None, help="backbone config (default: the experiment's)")
@@ -99,7 +85,60 @@ def main() -> None:
     parser.add_argument("--lime-batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu", choices=["cpu", "auto"])
     parser.add_argument("--data-dir", default=os.environ.get("MEDMARK_DATA_DIR"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def compare_training(cfgs: dict, datamodule, args: argparse.Namespace) -> dict:
+    """1. training seconds per sample of ``task`` vs ``stealthmark``, alternating rounds (median)."""
+    per_step: dict[str, list[float]] = {"task": [], "stealthmark": []}
+    for _ in range(args.rounds):
+        for method in ("task", "stealthmark"):
+            per_step[method] += time_training(cfgs[method], datamodule, args.steps, args.warmup)
+    train = {f"{m}_s_per_sample": statistics.median(t) / args.batch_size for m, t in per_step.items()}
+    train["ratio"] = train["stealthmark_s_per_sample"] / train["task_s_per_sample"]
+    train["goal"] = 1.10
+    train["steps_timed_per_method"] = len(per_step["task"])
+    return train
+
+
+def compare_lime(module, datamodule, device: torch.device, args: argparse.Namespace) -> dict:
+    """2. LIME seconds per image vs bare forward passes of the same perturbed images."""
+    key = module.key
+    dataset = datamodule.dataset("val")
+    lime_times, forward_times = [], []
+    for i in range(args.lime_images):
+        image = dataset[i]["image"]
+        recorded: list[torch.Tensor] = []
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            recorded.append(x)
+            return module.predict_probs(x.to(device)).cpu()
+
+        start = time.perf_counter()
+        with quiet_lime():
+            explain.lime_cell_weights(predict, image.permute(1, 2, 0).numpy(), key.spec(),
+                                      trigger=key.build_trigger(), num_samples=args.lime_samples,
+                                      batch_size=args.lime_batch_size, hide_value=key.hide_value, seed=i,
+                                      target=args.lime_target, surrogate=args.lime_surrogate)
+        lime_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for x in recorded:
+            explain.uncertainty_score(module.predict_probs(x.to(device)).cpu())
+        forward_times.append(time.perf_counter() - start)
+    return {
+        "num_samples": args.lime_samples,
+        "target": args.lime_target,
+        "surrogate": args.lime_surrogate,
+        "images": args.lime_images,
+        "lime_s_per_image": statistics.mean(lime_times),
+        "forward_s_per_image": statistics.mean(forward_times),
+        "ratio": sum(lime_times) / sum(forward_times),
+        "goal": 1.3,
+    }
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     pl.seed_everything(0, verbose=False)
 
@@ -109,54 +148,12 @@ def main() -> None:
         datamodule = instantiate(cfgs["task"].data)
         datamodule.prepare_data()
         datamodule.setup("fit")
-
-        # -- 1. training time per sample, alternating rounds
-        per_step: dict[str, list[float]] = {"task": [], "stealthmark": []}
-        for _ in range(args.rounds):
-            for method in ("task", "stealthmark"):
-                per_step[method] += time_training(cfgs[method], datamodule, args.steps, args.warmup)
-        train = {f"{m}_s_per_sample": statistics.median(t) / args.batch_size for m, t in per_step.items()}
-        train["ratio"] = train["stealthmark_s_per_sample"] / train["task_s_per_sample"]
-        train["goal"] = 1.10
-        train["steps_timed_per_method"] = len(per_step["task"])
-
-        # -- 2. LIME vs bare forward passes of the same perturbed images
+        train = compare_training(cfgs, datamodule, args)
         cfg = cfgs["stealthmark"]
         module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False).eval()
-        key = module.key
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
         module.to(device)
-        dataset = datamodule.dataset("val")
-        lime_times, forward_times = [], []
-        for i in range(args.lime_images):
-            image = dataset[i]["image"]
-            recorded: list[torch.Tensor] = []
-
-            def predict(x: torch.Tensor) -> torch.Tensor:
-                recorded.append(x)
-                return module.predict_probs(x.to(device)).cpu()
-
-            start = time.perf_counter()
-            with quiet_lime():
-                explain.lime_cell_weights(predict, image.permute(1, 2, 0).numpy(), key.spec(),
-                                          trigger=key.build_trigger(), num_samples=args.lime_samples,
-                                          batch_size=args.lime_batch_size, hide_value=key.hide_value, seed=i,
-                                          target=args.lime_target, surrogate=args.lime_surrogate)
-            lime_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for x in recorded:
-                explain.uncertainty_score(module.predict_probs(x.to(device)).cpu())
-            forward_times.append(time.perf_counter() - start)
-        lime = {
-            "num_samples": args.lime_samples,
-            "target": args.lime_target,
-            "surrogate": args.lime_surrogate,
-            "images": args.lime_images,
-            "lime_s_per_image": statistics.mean(lime_times),
-            "forward_s_per_image": statistics.mean(forward_times),
-            "ratio": sum(lime_times) / sum(forward_times),
-            "goal": 1.3,
-        }
+        lime = compare_lime(module, datamodule, device, args)
 
     report = {
         "benchmark": "stealthmark",

@@ -77,11 +77,11 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
 import utils.resolvers  # noqa: E402,F401
+from benchmarks._timing import StepTimer, sync as _sync  # noqa: E402,F401
 
 # method -> (task kind, phase, data preset, extra overrides of the method run only)
 METHODS: dict[str, dict[str, Any]] = {
@@ -105,40 +105,6 @@ SEGMENTATION_FACTORIES = ("models.build_smp_model", "models.build_sam_model")
 
 
 # ------------------------------------------------------------------------------ measurement
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class StepTimer(Callback):
-    """Start/end ``perf_counter`` of every training (or test) batch, CUDA-synchronised."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.starts: list[float] = []
-        self.ends: list[float] = []
-
-    def _start(self) -> None:
-        _sync(self.device)
-        self.starts.append(time.perf_counter())
-
-    def _end(self) -> None:
-        _sync(self.device)
-        self.ends.append(time.perf_counter())
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._end()
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._start()
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._end()
-
-
 class InMemoryBatches:
     """``length`` batches cycling over a small pool of device-resident batches (no loading at all)."""
 
@@ -489,12 +455,10 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    device = pick_device(args.device)
-    if args.num_workers is None:
-        args.num_workers = int(OmegaConf.load(ROOT / "configs" / "data" / "_common.yaml").num_workers)
+def common_overrides(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """The Hydra overrides every measured run shares (paths, batch, workers, speed, precision, extras)."""
     data_dir = Path(args.data_dir) if args.data_dir else tmp / "data"
-    common = [
+    return [
         "logger=none", f"paths.root_dir={ROOT}", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp / 'logs'}",
         f"paths.output_dir={tmp / 'run'}", f"data.batch_size={args.batch_size}",
         f"data.eval_batch_size={args.batch_size}", f"data.num_workers={args.num_workers}",
@@ -503,31 +467,77 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         f"speed.compile_mode={args.compile_mode}", f"speed.compile_backend={args.compile_backend}",
         f"trainer.precision={args.precision}", *args.override,
     ]
-    report: dict[str, Any] = {
-        "benchmark": "throughput",
-        "settings": {
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-            "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
-            "compile_mode": args.compile_mode if args.compile else None,
-            "compile_backend": args.compile_backend if args.compile else None,
-            "cudnn_benchmark": args.cudnn_benchmark,
-            "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
-            "warmup": args.warmup, "protect_steps": args.protect_steps, "protect_warmup": args.protect_warmup,
-            "num_workers": args.num_workers, "overrides": args.override,
-            "torch": torch.__version__, "lightning": lightning.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu_load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "memory_kind": memory_kind(device),
-            "gpu_util_source": GpuUtilSampler(device).source,
-            "weights": "random initialisation (timings only)",
-            "units": {"samples_per_s": "training samples/s (medlocker/miadmark: images protected/s)",
-                      "throughput_ratio_to_task": "method samples/s / task samples/s (same backbone, data, size)",
-                      "time_ratio_to_task": "1 / throughput_ratio_to_task (s per sample, method / task)",
-                      "data_loading.share": "time waiting on the DataLoader iterator / wall time of the timed steps"},
-        },
-        "results": {},
+
+
+def run_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The report's ``settings``: device, precision, sizes, versions, load and units."""
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
+        "compile_backend": args.compile_backend if args.compile else None,
+        "cudnn_benchmark": args.cudnn_benchmark,
+        "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
+        "warmup": args.warmup, "protect_steps": args.protect_steps, "protect_warmup": args.protect_warmup,
+        "num_workers": args.num_workers, "overrides": args.override,
+        "torch": torch.__version__, "lightning": lightning.__version__, "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "cpu_load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "memory_kind": memory_kind(device),
+        "gpu_util_source": GpuUtilSampler(device).source,
+        "weights": "random initialisation (timings only)",
+        "units": {"samples_per_s": "training samples/s (medlocker/miadmark: images protected/s)",
+                  "throughput_ratio_to_task": "method samples/s / task samples/s (same backbone, data, size)",
+                  "time_ratio_to_task": "1 / throughput_ratio_to_task (s per sample, method / task)",
+                  "data_loading.share": "time waiting on the DataLoader iterator / wall time of the timed steps"},
     }
+
+
+def measure_method(backbone: str, kind: str, method: str, entry: dict[str, Any], common: list[str],
+                   baselines: dict[str, dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
+    """Measure ``method`` on ``backbone`` into ``entry``, with its ratio to the (cached) ``method=task``
+    baseline of the same overrides; raises what the measurement raises."""
+    spec = METHODS[method]
+    data = spec.get("data") or TASK_DATA[kind]
+    size = args.image_size
+    base = common + [f"data={data}", f"loss={LOSS[kind]}"]
+    extra = list(spec["overrides"])
+    if method == "stealthmark":
+        size, more, entry["note"] = stealthmark_size(base + backbone_overrides(backbone, args.image_size),
+                                                     args.image_size)
+        extra += more
+    base += [f"data.image_size={size}", f"data.synthetic.image_size={args.image_size}"]
+    base += backbone_overrides(backbone, args.image_size)
+    entry.update({"data": data, "image_size": size})
+    key = json.dumps(base)
+    if key not in baselines:
+        try:
+            baselines[key] = measure(compose_cfg(base + ["method=task"]), "fit", args, device)
+        except Exception as exc:
+            baselines[key] = error_record(exc)
+    baseline = baselines[key]
+    if method == "task":
+        result = baseline
+    else:
+        result = measure(compose_cfg(base + [f"method={method}"] + extra), spec["phase"], args, device)
+    entry.update(result)
+    if "samples_per_s" in baseline and "samples_per_s" in result:
+        ratio = result["samples_per_s"] / baseline["samples_per_s"]
+        entry["throughput_ratio_to_task"] = round(ratio, 4)
+        entry["time_ratio_to_task"] = round(1 / ratio, 4)
+        entry["task_samples_per_s"] = baseline["samples_per_s"]
+        entry["task_data_loading_share"] = baseline.get("data_loading", {}).get("share")
+    elif "error" in baseline:
+        entry["task_error"] = baseline["error"]
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    device = pick_device(args.device)
+    if args.num_workers is None:
+        args.num_workers = int(OmegaConf.load(ROOT / "configs" / "data" / "_common.yaml").num_workers)
+    common = common_overrides(args, tmp)
+    report: dict[str, Any] = {"benchmark": "throughput", "settings": run_settings(args, device), "results": {}}
     methods = args.methods.split(",")
     baselines: dict[str, dict[str, Any]] = {}
     started = time.time()
@@ -549,38 +559,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             entry: dict[str, Any] = {"task": kind, "phase": spec["phase"]}
             per_backbone[method] = entry
             try:
-                data = spec.get("data") or TASK_DATA[kind]
-                size = args.image_size
-                base = common + [f"data={data}", f"loss={LOSS[kind]}"]
-                extra = list(spec["overrides"])
-                if method == "stealthmark":
-                    size, more, entry["note"] = stealthmark_size(base + backbone_overrides(backbone, args.image_size),
-                                                                 args.image_size)
-                    extra += more
-                base += [f"data.image_size={size}", f"data.synthetic.image_size={args.image_size}"]
-                base += backbone_overrides(backbone, args.image_size)
-                entry.update({"data": data, "image_size": size})
-                key = json.dumps(base)
-                if key not in baselines:
-                    try:
-                        baselines[key] = measure(compose_cfg(base + ["method=task"]), "fit", args, device)
-                    except Exception as exc:
-                        baselines[key] = error_record(exc)
-                baseline = baselines[key]
-                if method == "task":
-                    result = baseline
-                else:
-                    result = measure(compose_cfg(base + [f"method={method}"] + extra), spec["phase"],
-                                     args, device)
-                entry.update(result)
-                if "samples_per_s" in baseline and "samples_per_s" in result:
-                    ratio = result["samples_per_s"] / baseline["samples_per_s"]
-                    entry["throughput_ratio_to_task"] = round(ratio, 4)
-                    entry["time_ratio_to_task"] = round(1 / ratio, 4)
-                    entry["task_samples_per_s"] = baseline["samples_per_s"]
-                    entry["task_data_loading_share"] = baseline.get("data_loading", {}).get("share")
-                elif "error" in baseline:
-                    entry["task_error"] = baseline["error"]
+                measure_method(backbone, kind, method, entry, common, baselines, args, device)
             except Exception as exc:
                 entry.update(error_record(exc))
         if per_backbone.get("task") is None:
