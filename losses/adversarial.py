@@ -1,4 +1,4 @@
-"""Loss terms of the visible adversarial watermark (MedLocker / MIAD-MARK, METHODS.md §3).
+"""Loss terms of the visible adversarial watermark (MedLocker / MIAD-MARK, docs/medlocker.md).
 
 Both terms are minimised with respect to the mark's *placement* (translation ``tx, ty``
 through ``grid_sample`` and opacity ``alpha = sigmoid(logit)``), never with respect to a

@@ -384,14 +384,7 @@ def test_delta_only_scope_changes_only_the_lesion_free_area_and_is_certified(qr,
     assert rerender_check(dict(entry, delta_scope="footprint"), original, protected, qr, delta) is False
     assert rerender_check({k: v for k, v in entry.items() if k != "delta_scope"}, original, protected, qr,
                           delta) is False
-    signed_cert = sign_certificate(build_certificate("o", [entry], "miadmark"), keys[0])
-    assert verify_certificate(signed_cert, keys[1]) is True
-    changed = copy.deepcopy(signed_cert)
-    changed["entries"][0]["delta_scope"] = "footprint"
-    assert verify_certificate(changed, keys[1]) is False  # the scope is signed
-    changed["entries"][0]["delta_scope"] = "everywhere"
-    with pytest.raises(CertificateFormatError, match="delta_scope"):
-        verify_certificate(changed, keys[1])
+    _assert_field_signed(entry, "delta_scope", "footprint", "everywhere", keys)  # the scope is signed
     with pytest.raises(ValueError, match="delta_scope"):
         render_protected(original, qr, 0, 0, 0.0, delta=delta, delta_scope="everywhere")
     # the mark kept and δ widened to the lesion-free area (fallback.widen_delta): still exact on the region
@@ -447,14 +440,20 @@ def test_light_polarity_certificate_verifies_and_a_flipped_polarity_fails(qr, ke
     dark = render_protected(original, qr, 4, 5, 0.7, delta=delta)
     assert rerender_check(dict(_entry("d", original, dark, qr, delta, x=4, y=5, alpha=0.7)), original, dark, qr,
                           delta) is True  # old certificates (no polarity field) still verify
+    _assert_field_signed(entry, "polarity", "dark", "white", keys)  # the polarity is signed
+
+
+def _assert_field_signed(entry: dict, field: str, other: str, unknown: str, keys) -> None:
+    """The signed certificate of ``entry`` verifies; ``field`` changed to ``other`` breaks the
+    signature; an ``unknown`` value is refused with the field named."""
     signed_cert = sign_certificate(build_certificate("o", [entry], "miadmark"), keys[0])
     assert verify_certificate(signed_cert, keys[1]) is True
-    flipped = copy.deepcopy(signed_cert)
-    flipped["entries"][0]["polarity"] = "dark"
-    assert verify_certificate(flipped, keys[1]) is False  # the polarity is signed
-    flipped["entries"][0]["polarity"] = "white"
-    with pytest.raises(CertificateFormatError, match="polarity"):
-        verify_certificate(flipped, keys[1])
+    changed = copy.deepcopy(signed_cert)
+    changed["entries"][0][field] = other
+    assert verify_certificate(changed, keys[1]) is False
+    changed["entries"][0][field] = unknown
+    with pytest.raises(CertificateFormatError, match=field):
+        verify_certificate(changed, keys[1])
 
 
 def _first_fit_bruteforce(lesion, base, masks, dilations):

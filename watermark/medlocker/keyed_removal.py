@@ -3,7 +3,7 @@
 For each protected image the owner stores a *restore blob*: the exact residual
 ``original - protected`` on the mark's footprint, compressed and encrypted with
 AES-256-GCM under a per-image key derived (HKDF-SHA256) from the owner's 32-byte
-master key (METHODS.md section 3, "Authorised removal"). An authorised user with the
+master key (docs/medlocker.md, "How it works"). An authorised user with the
 master key gets the original back bit for bit; anyone else -- or the right key with
 the blob of another image, or an altered blob -- gets :class:`RestoreError` and no
 pixels.

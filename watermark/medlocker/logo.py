@@ -3,7 +3,7 @@
 The mark is an RGBA logo ``L`` (h x w x 4, float in [0, 1]; channels R, G, B, A)
 blended into an image ``x`` at top-left ``(x, y)`` with opacity ``alpha``:
 
-    x_w = (1 - alpha * A) * x + alpha * A * W          (METHODS.md section 3)
+    x_w = (1 - alpha * A) * x + alpha * A * W          (docs/medlocker.md)
 
 where ``W`` is the logo colour (RGB, or its luma for one-channel images) and ``A``
 its alpha channel. Three renderers share that formula:

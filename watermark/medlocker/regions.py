@@ -1,6 +1,6 @@
 """Lesion regions the visible mark must never touch, and where a logo may go instead.
 
-Two ways to get the protected region (METHODS.md section 3):
+Two ways to get the protected region (docs/medlocker.md):
 
 - MedLocker: connected components of a lesion mask (segmentation model output or
   ground truth) -> dilated bounding boxes -> :func:`region_from_boxes`.

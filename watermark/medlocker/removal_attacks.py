@@ -1,6 +1,6 @@
 """Watermark-removal attempts a thief would make on a visibly marked image.
 
-Used to measure how much of the protection survives (METHODS.md section 3, metrics:
+Used to measure how much of the protection survives (docs/medlocker.md, metrics:
 "accuracy after removal attempts"). Every attack takes and returns ``B x C x H x W``
 float tensors in [0, 1] (C in {1, 3}, channels RGB), keeps dtype and device, and does
 not modify its input. OpenCV-based attacks work on uint8 images, as a thief's tools do;
