@@ -59,7 +59,8 @@ PAYLOAD = "Ad4-pt9"  # 7 bytes (QR v1-H); appears nowhere else
 TRIGGER_SEED = 5150
 FACTORIES = ("models.", "test_adapters.")
 THRESHOLDS = {"alpha": 1e-3, "response_margin": 0.01, "min_decoded": 1}
-ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+ENV = {**os.environ, "WANDB_MODE": "disabled",  # this folder: the suspect_factories test networks
+       "PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "tests", Path(__file__).resolve().parent)))}
 
 
 class MarkedOracleNet(torch.nn.Module):

@@ -28,7 +28,8 @@ from verification.attacks import apply_attack, build_attack, task_quality
 from verification.protocols import BadInput
 from verification import model_attacks as attacks
 
-ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+ENV = {**os.environ, "WANDB_MODE": "disabled",  # this folder: the suspect_factories test networks
+       "PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "tests", Path(__file__).resolve().parent)))}
 FACTORIES = "suspect_factories=[models.,test_attacks.]"
 
 

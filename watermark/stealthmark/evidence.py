@@ -1,4 +1,4 @@
-"""Black-box StealthMark verification (METHODS.md §1), framework-free.
+"""Black-box StealthMark verification (docs/stealthmark.md), framework-free.
 
 The verifier talks to the suspect only through ``predict(images B×C×H×W in [0,1]) ->
 probabilities B×1×H×W`` and counts every image it sends. Two channels:
@@ -191,22 +191,10 @@ def _to_hwc(image: torch.Tensor) -> np.ndarray:
 
 
 def verify_stealthmark(
-    predict: PredictFn,
-    key: StealthMarkKey,
-    images: torch.Tensor,
-    ids: Sequence[str],
-    thresholds: dict[str, Any],
-    masks: torch.Tensor | None = None,
-    num_lime_images: int = 10,
-    num_samples: int = 1500,
-    batch_size: int = 250,
-    lime_seed: int = 0,
-    qr_evidence: str = "lime",
-    lime_target: str = "triggered",
-    lime_surrogate: str = "per_cell",
-    nulls: np.ndarray | None = None,
-    figures_dir: str | Path | None = None,
-    num_figures: int = 4,
+    predict: PredictFn, key: StealthMarkKey, images: torch.Tensor, ids: Sequence[str], thresholds: dict[str, Any],
+    masks: torch.Tensor | None = None, num_lime_images: int = 10, num_samples: int = 1500, batch_size: int = 250,
+    lime_seed: int = 0, qr_evidence: str = "lime", lime_target: str = "triggered", lime_surrogate: str = "per_cell",
+    nulls: np.ndarray | None = None, figures_dir: str | Path | None = None, num_figures: int = 4,
 ) -> dict[str, Any]:
     """Run both channels on a suspect and return the result dict (see the module docstring).
 
@@ -225,7 +213,7 @@ def verify_stealthmark(
         num_samples: LIME perturbations per image (≥ 3·G²).
         batch_size: images per suspect query during LIME.
         lime_seed: LIME's sampling seed for image i is ``lime_seed + i``.
-        qr_evidence: ``"lime"`` (METHODS' channel 2) or ``"readout"`` (the per-cell readout as
+        qr_evidence: ``"lime"`` (channel 2 by LIME, docs/stealthmark.md) or ``"readout"`` (the per-cell readout as
             channel-2 evidence: one query per image, for quick checks and tests).
         lime_target: the scalar LIME explains (:func:`watermark.stealthmark.explain.lime_cell_weights`):
             ``"contrast"`` = ``g(T(x_z)) − g(x_z)`` (two queries per LIME sample), ``"triggered"`` =
@@ -241,9 +229,81 @@ def verify_stealthmark(
         plain-JSON-friendly dict (numpy arrays only under ``"_arrays"``, for figures/tests).
     """
     started = time.perf_counter()
+    spec = key.spec()
+    _check_inputs(images, ids, spec, qr_evidence, nulls)
+    alpha = float(thresholds["alpha"])
+    margin = float(thresholds["response_margin"])
+    min_decoded = int(thresholds["min_decoded"])
+    counter = predict if isinstance(predict, CountingPredictor) else CountingPredictor(predict, batch_size)
+    trigger = key.build_trigger()
+    reference = key.modules()
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    channel1 = _response_channel(counter, trigger, images, masks, key, margin)
+    timings["response_and_readout"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if qr_evidence == "lime":
+        lime = {"num_lime_images": num_lime_images, "num_samples": num_samples, "batch_size": batch_size,
+                "seed": lime_seed, "target": lime_target, "surrogate": lime_surrogate}
+        entries, weight_maps = _lime_channel(counter, images, ids, key, trigger, lime)
+    else:
+        entries, weight_maps = _readout_channel(channel1["read_trig"], ids)
+    timings["qr_channel"] = time.perf_counter() - t0
+    mean_map = np.mean(np.stack(weight_maps), axis=0)
+    qr_p, observed, null_scores = monte_carlo_qr_pvalue(mean_map, reference, nulls)
+    decoded, channels = _decision(entries, key, channel1["p_value"], qr_p, alpha, min_decoded)
+    result: dict[str, Any] = {
+        "method": "stealthmark",
+        "verified": bool(channels["response"] and (channels["qr_decoded"] or channels["qr_significant"])),
+        "p_value": float(max(channel1["p_value"], qr_p)),
+        "response_p_value": float(channel1["p_value"]),
+        "qr_p_value": float(qr_p),
+        "asr": sum(d["matches"] for d in decoded) / len(decoded),
+        "decoded": decoded,
+        "bit_accuracy": float(np.mean([e["bit_accuracy"] for e in entries])),
+        "channels": channels,
+        "qr": _qr_record(qr_evidence, entries, mean_map, observed, null_scores, key, reference,
+                         num_samples, lime_target, lime_surrogate),
+        **_response_records(channel1, len(images), margin, key),
+        "thresholds": {"alpha": alpha, "response_margin": margin, "min_decoded": min_decoded},
+        "queries": counter.queries,
+        "query_calls": counter.calls,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "figures": [],
+    }
+    if qr_evidence == "lime":
+        result["timings"]["lime_seconds_per_image"] = round(timings["qr_channel"] / max(1, len(entries)), 3)
+    if figures_dir is not None:
+        t0 = time.perf_counter()
+        result["figures"] = draw_figures(Path(figures_dir), key, channel1["triggered"], entries, weight_maps, mean_map,
+                                         null_scores, observed, num_figures)
+        result["timings"]["figures"] = round(time.perf_counter() - t0, 3)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    result["_arrays"] = {"mean_map": mean_map, "weight_maps": np.stack(weight_maps), "g_clean": channel1["g_clean"],
+                         "g_triggered": channel1["g_trig"]}
+    return result
+
+
+def _decision(entries: list[dict[str, Any]], key: StealthMarkKey, response_p: float, qr_p: float, alpha: float,
+              min_decoded: int) -> tuple[list[dict[str, Any]], dict[str, bool]]:
+    """``(decoded per image {id, text, matches, bit_accuracy}, channels {response, qr_decoded, qr_significant})``.
+
+    Verified = ``response and (qr_decoded or qr_significant)``: channel 1 at α, and channel 2 decoded
+    on ≥ ``min_decoded`` images or significant at α.
+    """
+    decoded = [{"id": e["id"], "text": e["text"], "matches": e["text"] == key.payload,
+                "bit_accuracy": round(float(e["bit_accuracy"]), 4)} for e in entries]
+    n_decoded = sum(d["matches"] for d in decoded)
+    return decoded, {"response": bool(response_p < alpha), "qr_decoded": bool(n_decoded >= min_decoded),
+                     "qr_significant": bool(qr_p < alpha)}
+
+
+def _check_inputs(images: torch.Tensor, ids: Sequence[str], spec, qr_evidence: str, nulls: np.ndarray | None) -> None:
+    """ValueError unless: known ``qr_evidence``, N×C×S×S images at the key's size, N ≥ 2 with N ids, nulls given."""
     if qr_evidence not in QR_EVIDENCE:
         raise ValueError(f"qr_evidence must be one of {QR_EVIDENCE}, got {qr_evidence!r}")
-    spec = key.spec()
     if images.dim() != 4 or images.shape[-2:] != (spec.image_size, spec.image_size):
         raise ValueError(
             f"verification images have shape {tuple(images.shape)}; the key's grid expects N×C×"
@@ -255,113 +315,95 @@ def verify_stealthmark(
         raise ValueError(f"{len(ids)} ids for {len(images)} images")
     if nulls is None or len(nulls) == 0:
         raise ValueError("nulls (the Monte Carlo QR codes) are required")
-    alpha = float(thresholds["alpha"])
-    margin = float(thresholds["response_margin"])
-    min_decoded = int(thresholds["min_decoded"])
-    counter = predict if isinstance(predict, CountingPredictor) else CountingPredictor(predict, batch_size)
-    trigger = key.build_trigger()
-    reference = key.modules()
-    timings: dict[str, float] = {}
 
-    # -- channel 1: trigger response (+ harmlessness and the readout, from the same queries)
-    t0 = time.perf_counter()
+
+def _response_channel(counter: CountingPredictor, trigger, images: torch.Tensor, masks: torch.Tensor | None,
+                      key: StealthMarkKey, margin: float) -> dict[str, Any]:
+    """Channel 1 (trigger response: paired margin test of the uncertainty), the per-cell readout and
+    harmlessness, from one clean and one triggered query per image.
+
+    Returns: ``{triggered, g_clean, g_trig (N float64), p_value, read_trig, read_clean, task}``.
+    """
     triggered = trigger.apply(images.float())
     probs_clean = counter(images.float())
     probs_trig = counter(triggered)
     g_clean = explain.uncertainty_score(probs_clean).double().numpy()
     g_trig = explain.uncertainty_score(probs_trig).double().numpy()
-    response_p = paired_margin_test(g_clean, g_trig, margin=margin)
-    read_trig = readout(probs_trig, key)
-    read_clean = readout(probs_clean, key)
-    timings["response_and_readout"] = time.perf_counter() - t0
     task = {"mask_agreement": float(((probs_trig > 0.5) == (probs_clean > 0.5)).float().mean())}
     if masks is not None:
         task["dice_clean"] = float(dice_per_image(probs_clean, masks).mean())
         task["dice_triggered"] = float(dice_per_image(probs_trig, masks).mean())
+    return {"triggered": triggered, "g_clean": g_clean, "g_trig": g_trig,
+            "p_value": paired_margin_test(g_clean, g_trig, margin=margin),
+            "read_trig": readout(probs_trig, key), "read_clean": readout(probs_clean, key), "task": task}
 
-    # -- channel 2: QR payload
-    t0 = time.perf_counter()
-    entries: list[dict[str, Any]] = []
+
+def _lime_channel(counter: CountingPredictor, images: torch.Tensor, ids: Sequence[str], key: StealthMarkKey,
+                  trigger, lime: dict[str, Any]) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Channel 2 by LIME: per explained image a G×G weight map, its binarised grid and decode.
+
+    ``lime``: ``num_lime_images`` (≥ 1), ``num_samples``, ``batch_size``, ``seed`` (image i: seed + i),
+    ``target``, ``surrogate``. Returns ``(entries {id, grid, bit_accuracy, text}, weight maps)``.
+    """
+    spec, reference = key.spec(), key.modules()
+    n_lime = min(int(lime["num_lime_images"]), len(images))
+    if n_lime < 1:
+        raise ValueError("verify.num_lime_images must be >= 1 with qr_evidence=lime")
     weight_maps: list[np.ndarray] = []
-    if qr_evidence == "lime":
-        n_lime = min(int(num_lime_images), len(images))
-        if n_lime < 1:
-            raise ValueError("verify.num_lime_images must be >= 1 with qr_evidence=lime")
-        with quiet_lime():
-            for i in range(n_lime):
-                w = explain.lime_cell_weights(counter, _to_hwc(images[i]), spec, trigger=trigger,
-                                              num_samples=num_samples, batch_size=batch_size,
-                                              hide_value=key.hide_value, seed=lime_seed + i,
-                                              target=lime_target, surrogate=lime_surrogate)
-                weight_maps.append(w)
-        for i, w in enumerate(weight_maps):
-            grid = explain.weights_to_grid(w)
-            entries.append({"id": str(ids[i]), "grid": grid, "bit_accuracy": bit_accuracy(grid, reference),
-                            "text": decode_with_repair(grid, key.qr_version, key.error_correction)})
-    else:
-        for i, r in enumerate(read_trig):
-            weight_maps.append(r["weights"])
-            entries.append({"id": str(ids[i]), "grid": r["grid"], "bit_accuracy": r["bit_accuracy"], "text": r["text"]})
-    timings["qr_channel"] = time.perf_counter() - t0
-    mean_map = np.mean(np.stack(weight_maps), axis=0)
-    qr_p, observed, null_scores = monte_carlo_qr_pvalue(mean_map, reference, nulls)
+    with quiet_lime():
+        for i in range(n_lime):
+            weight_maps.append(explain.lime_cell_weights(
+                counter, _to_hwc(images[i]), spec, trigger=trigger, num_samples=lime["num_samples"],
+                batch_size=lime["batch_size"], hide_value=key.hide_value, seed=lime["seed"] + i,
+                target=lime["target"], surrogate=lime["surrogate"]))
+    entries = []
+    for i, w in enumerate(weight_maps):
+        grid = explain.weights_to_grid(w)
+        entries.append({"id": str(ids[i]), "grid": grid, "bit_accuracy": bit_accuracy(grid, reference),
+                        "text": decode_with_repair(grid, key.qr_version, key.error_correction)})
+    return entries, weight_maps
 
-    decoded = [{"id": e["id"], "text": e["text"], "matches": e["text"] == key.payload,
-                "bit_accuracy": round(float(e["bit_accuracy"]), 4)} for e in entries]
-    n_decoded = sum(d["matches"] for d in decoded)
-    response_ok = response_p < alpha
-    qr_decoded = n_decoded >= min_decoded
-    qr_significant = qr_p < alpha
-    verified = bool(response_ok and (qr_decoded or qr_significant))
 
-    result: dict[str, Any] = {
-        "method": "stealthmark",
-        "verified": verified,
-        "p_value": float(max(response_p, qr_p)),
-        "response_p_value": float(response_p),
-        "qr_p_value": float(qr_p),
-        "asr": n_decoded / len(decoded),
-        "decoded": decoded,
-        "bit_accuracy": float(np.mean([e["bit_accuracy"] for e in entries])),
-        "channels": {"response": bool(response_ok), "qr_decoded": bool(qr_decoded),
-                     "qr_significant": bool(qr_significant)},
-        "qr": {"evidence": qr_evidence, "num_images": len(entries),
-               "num_samples": num_samples if qr_evidence == "lime" else None,
-               "lime_target": lime_target if qr_evidence == "lime" else None,
-               "lime_surrogate": lime_surrogate if qr_evidence == "lime" else None,
-               "agreement": float(observed), "null_k": int(len(nulls)),
-               "null_agreement_p99": float(np.quantile(null_scores, 0.99)),
-               "mean_map_bit_accuracy": bit_accuracy(explain.weights_to_grid(mean_map), reference),
-               "mean_map_decodes": decode_with_repair(explain.weights_to_grid(mean_map), key.qr_version,
-                                                      key.error_correction) == key.payload},
-        "response": {"num_images": len(images), "margin": margin,
+def _readout_channel(read_trig: list[dict[str, Any]], ids: Sequence[str]
+                     ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Channel 2 from the per-cell readout of the triggered queries (one query per image, no LIME)."""
+    entries = [{"id": str(ids[i]), "grid": r["grid"], "bit_accuracy": r["bit_accuracy"], "text": r["text"]}
+               for i, r in enumerate(read_trig)]
+    return entries, [r["weights"] for r in read_trig]
+
+
+def _qr_record(qr_evidence: str, entries: list, mean_map: np.ndarray, observed: float, null_scores: np.ndarray,
+               key: StealthMarkKey, reference: np.ndarray, num_samples: int, lime_target: str,
+               lime_surrogate: str) -> dict[str, Any]:
+    """The result's ``qr`` entry: evidence kind, LIME settings, agreement against the null, the mean map's decode."""
+    lime = qr_evidence == "lime"
+    mean_grid = explain.weights_to_grid(mean_map)
+    return {"evidence": qr_evidence, "num_images": len(entries),
+            "num_samples": num_samples if lime else None,
+            "lime_target": lime_target if lime else None,
+            "lime_surrogate": lime_surrogate if lime else None,
+            "agreement": float(observed), "null_k": int(len(null_scores)),
+            "null_agreement_p99": float(np.quantile(null_scores, 0.99)),
+            "mean_map_bit_accuracy": bit_accuracy(mean_grid, reference),
+            "mean_map_decodes": decode_with_repair(mean_grid, key.qr_version, key.error_correction) == key.payload}
+
+
+def _response_records(channel1: dict[str, Any], n: int, margin: float, key: StealthMarkKey) -> dict[str, Any]:
+    """The result's ``response``, ``readout`` and ``task`` entries (channel 1's statistics)."""
+    g_clean, g_trig, read_trig, read_clean = (channel1[k] for k in ("g_clean", "g_trig", "read_trig", "read_clean"))
+    return {
+        "response": {"num_images": n, "margin": margin,
                      "uncertainty_clean_mean": float(g_clean.mean()),
                      "uncertainty_triggered_mean": float(g_trig.mean()),
                      "difference_mean": float((g_trig - g_clean).mean())},
-        "readout": {"num_images": len(images),
+        "readout": {"num_images": n,
                     "decoded_triggered": sum(r["text"] == key.payload for r in read_trig),
                     "decoded_clean": sum(r["text"] == key.payload for r in read_clean),
                     "any_text_clean": sum(r["text"] is not None for r in read_clean),
                     "bit_accuracy_triggered": float(np.mean([r["bit_accuracy"] for r in read_trig])),
                     "bit_accuracy_clean": float(np.mean([r["bit_accuracy"] for r in read_clean]))},
-        "task": task,
-        "thresholds": {"alpha": alpha, "response_margin": margin, "min_decoded": min_decoded},
-        "queries": counter.queries,
-        "query_calls": counter.calls,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "figures": [],
+        "task": channel1["task"],
     }
-    if qr_evidence == "lime":
-        result["timings"]["lime_seconds_per_image"] = round(timings["qr_channel"] / max(1, len(entries)), 3)
-    if figures_dir is not None:
-        t0 = time.perf_counter()
-        result["figures"] = draw_figures(Path(figures_dir), key, triggered, entries, weight_maps, mean_map,
-                                         null_scores, observed, num_figures)
-        result["timings"]["figures"] = round(time.perf_counter() - t0, 3)
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    result["_arrays"] = {"mean_map": mean_map, "weight_maps": np.stack(weight_maps), "g_clean": g_clean,
-                         "g_triggered": g_trig}
-    return result
 
 
 # ----------------------------------------------------------------------------- figures

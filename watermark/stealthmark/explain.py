@@ -1,4 +1,4 @@
-"""LIME explanations of a segmentation model's uncertainty over the QR grid (StealthMark §1, channel 2).
+"""LIME explanations of a segmentation model's uncertainty over the QR grid (StealthMark channel 2).
 
 The explained scalar is ``g(x) = mean over pixels of min(p, 1 − p)``. LIME perturbs the
 image by hiding whole grid cells (its segments are exactly our cells), queries the model in
@@ -70,7 +70,7 @@ def lime_cell_weights(
             which would not match the training perturbation.
         seed: seeds LIME's perturbation sampling (and its unused segmentation seed).
         target: the explained scalar per perturbed image ``x_z``. ``"triggered"``: ``g(T(x_z))``
-            (METHODS §1). ``"contrast"``: ``g(T(x_z)) − g(x_z)``, the trigger's effect on the same
+            (docs/stealthmark.md). ``"contrast"``: ``g(T(x_z)) − g(x_z)``, the trigger's effect on the same
             perturbed image (two queries per sample). Hiding cells changes the task uncertainty
             too (edges of hidden cells, hidden lesion parts) in a way that depends on the image
             and on which neighbours are hidden; that part is the same with and without the
@@ -89,6 +89,21 @@ def lime_cell_weights(
         ``G×G`` float64 weights of the QR cells (quiet-zone cells dropped); positive = keeping
         the cell raises uncertainty.
     """
+    image = _checked_image(image, spec, num_samples, target, surrogate, trigger)
+    segments = cell_index_map(spec)
+    hide_color = _hide_color(image, hide_value)
+    explained = _explained_values(predict_fn, trigger, target, spec)
+    explainer = lime_image.LimeImageExplainer(kernel_width=0.25, feature_selection="none", random_state=seed)
+    if surrogate == "per_cell":
+        return _per_cell_weights(explainer, image, segments, hide_color, spec,
+                                 lambda batch: explained(batch, per_cell=True), num_samples, batch_size)
+    return _joint_weights(explainer, image, segments, hide_color, spec,
+                          lambda batch: explained(batch, per_cell=False), num_samples, batch_size, seed)
+
+
+def _checked_image(image: np.ndarray, spec: GridSpec, num_samples: int, target: str, surrogate: str,
+                   trigger) -> np.ndarray:
+    """``image`` as ``H×W×C`` float32, after checking it and LIME's settings (ValueError naming the bad one)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2:
         image = image[..., None]
@@ -105,22 +120,31 @@ def lime_cell_weights(
         raise ValueError(f"surrogate must be one of {LIME_SURROGATES}, got {surrogate!r}")
     if target == "contrast" and trigger is None:
         raise ValueError("target='contrast' explains the trigger's effect and needs the trigger")
-    segments = cell_index_map(spec)
-    n_features = spec.cells_per_side**2
+    return image
 
+
+def _hide_color(image: np.ndarray, hide_value: float | str | Sequence[float]) -> float | np.ndarray:
+    """The fill of hidden cells: a float, per-channel floats (C), or the image's per-channel mean (``"mean"``)."""
     if isinstance(hide_value, str):
         if hide_value != "mean":
             raise ValueError(f"hide_value must be a number, per-channel floats or 'mean', got {hide_value!r}")
-        hide_color = image.mean(axis=(0, 1))
-    elif isinstance(hide_value, (int, float)):
-        hide_color = float(hide_value)
-    else:
-        hide_color = np.asarray(hide_value, dtype=np.float32)
-        if hide_color.shape != (image.shape[2],):
-            raise ValueError(f"hide_value has {hide_color.shape} entries, image has {image.shape[2]} channels")
+        return image.mean(axis=(0, 1))
+    if isinstance(hide_value, (int, float)):
+        return float(hide_value)
+    hide_color = np.asarray(hide_value, dtype=np.float32)
+    if hide_color.shape != (image.shape[2],):
+        raise ValueError(f"hide_value has {hide_color.shape} entries, image has {image.shape[2]} channels")
+    return hide_color
 
+
+def _explained_values(predict_fn: PredictFn, trigger, target: str, spec: GridSpec
+                      ) -> Callable[[np.ndarray, bool], np.ndarray]:
+    """``explained(batch N×H×W×C, per_cell) -> N`` (``g``) or ``N×G²`` (``u_c``) values of the model's answers.
+
+    The trigger is applied after LIME hid cells; ``target="contrast"`` sends the triggered and the
+    untriggered copies in one query and returns their difference.
+    """
     def explained(batch: np.ndarray, per_cell: bool) -> np.ndarray:
-        """N×H×W×C perturbed copies -> the explained values: N (``g``) or N×G² (``u_c``)."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2)
         if target == "contrast":  # one query of 2N images: the triggered copies, then the untriggered ones
             x = torch.cat([trigger.apply(x), x])
@@ -136,15 +160,18 @@ def lime_cell_weights(
             values = values[: len(batch)] - values[len(batch):]
         return values
 
-    explainer = lime_image.LimeImageExplainer(kernel_width=0.25, feature_selection="none", random_state=seed)
-    if surrogate == "per_cell":
-        return _per_cell_weights(explainer, image, segments, hide_color, spec,
-                                 lambda batch: explained(batch, per_cell=True), num_samples, batch_size)
+    return explained
+
+
+def _joint_weights(explainer, image, segments, hide_color, spec: GridSpec, values_fn, num_samples: int,
+                   batch_size: int, seed: int) -> np.ndarray:
+    """``G×G`` LIME weights from its own weighted ridge fit of ``g`` on every cell's keep indicator."""
+    n_features = spec.cells_per_side**2
 
     def classifier_fn(batch: np.ndarray) -> np.ndarray:
         # LIME hands N×H×W×C perturbed copies and wants N×labels "probabilities";
         # label 1 is the uncertainty g, label 0 its complement.
-        g = explained(batch, per_cell=False)
+        g = values_fn(batch)
         return np.stack([1.0 - g, g], axis=1)
 
     # feature_selection="none": keep every cell in the regression (LIME's "auto" would run an
