@@ -267,6 +267,7 @@ def test_jpeg_of_grey_images_and_noise_are_reproducible():
     (attack_cfg("jpeg", name="prune"), "attack.name"),
     ({k: v for k, v in attack_cfg("prune").items() if k != "amount"}, "attack.amount"),
     (attack_cfg("prune", _target_="builtins.print"), "attack._target_"),
+    (attack_cfg("prune", _target_="collections.OrderedDict"), "attack._target_"),  # a class, not an attack
 ])
 def test_bad_attack_values_are_bad_input_naming_the_field(attack, field):
     with pytest.raises(BadInput, match=field.replace(".", r"\.")):
