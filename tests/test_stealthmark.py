@@ -551,7 +551,7 @@ def test_secret_reaches_no_log_stdout_or_checkpoint(marked):
                 assert str(TRIGGER_SEED).encode() not in data, path
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert PAYLOAD not in json.dumps(ckpt["hyper_parameters"], default=str)
-    assert "<secret sha256:" in (run_dir / "config.yaml").read_text()
+    assert "<secret hmac-sha256:" in (run_dir / "config.yaml").read_text()
     hparams = (run_dir / "csv" / "hparams.yaml").read_text()
     assert "stealthmark/key_sha256" in hparams
     assert stat.S_IMODE((kit / "secret.json").stat().st_mode) == 0o600
