@@ -9,6 +9,8 @@ live in ``configs/attack/``), checks every value in its constructor -- a bad one
 
 from __future__ import annotations
 
+import abc
+
 import inspect
 import math
 from typing import Any, ClassVar
@@ -66,7 +68,7 @@ def needs_weights(suspect: Any, name: str) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- attacks
 
 
-class Attack:
+class Attack(abc.ABC):
     """Base: ``name`` (the config's ``name`` and report label), ``parameters()``, ``run(...)``."""
 
     name: ClassVar[str]
@@ -83,9 +85,9 @@ class Attack:
         """The checked values, ``{field: value}`` in constructor order (the report's attack record)."""
         return {field: getattr(self, field) for field in self.fields()}
 
+    @abc.abstractmethod
     def run(self, suspect: Any, datamodule, task: str) -> tuple[Any, dict[str, Any]]:
         """Attack ``suspect``; returns ``(suspect to verify, statistics for the record)``."""
-        raise NotImplementedError
 
 
 class NoAttack(Attack):
