@@ -17,7 +17,7 @@ from models import build_sam_model, build_smp_model, build_timm_classifier, coun
 from models.sam import SAM_SPECS, _build_sam_module
 from models.pixels import IMAGENET_MEAN, IMAGENET_STD
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "backbone"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "backbone"
 
 
 @pytest.fixture(autouse=True)
