@@ -1,4 +1,4 @@
-"""Model factories: every model takes [0, 1] pixels and normalises inside (DESIGN.md, "Pixels").
+"""Model factories: every model takes [0, 1] pixels and normalises inside (docs/models.md).
 
 - :func:`build_smp_model`: smp segmentation (UNet, UNet++, DeepLabV3+, ...) -> logits B x 1 x H x W.
 - :func:`build_sam_model`: Segment Anything (vit_b/l/h from a local checkpoint, or ``tiny``) -> logits B x 1 x H x W.

@@ -1,4 +1,4 @@
-"""X-Mark's conditional watermark generator (METHODS.md §2, step 3).
+"""X-Mark's conditional watermark generator (docs/methods/xmark.md, "Generator").
 
 A small residual U-Net G(x, s) -> r reads the image and its saliency map (EigenCAM of the
 surrogate, :mod:`watermark.xmark.saliency`) and emits a residual r; the perturbation is

@@ -1,7 +1,7 @@
 """Local weight files: find them, read them, fit them to a network.
 
-medmark never downloads weights at run time (DESIGN.md, "Real parts, offline by
-default"). A config either asks for random initialisation (``null``) or names a
+medmark never downloads weights at run time (docs/models.md: offline by
+default). A config either asks for random initialisation (``null``) or names a
 file on disk; a named file that is missing is an error that says what was
 expected and how to get it -- never a silent fall-back to random weights, which
 would quietly turn a "pretrained SAM" experiment into a "random ViT" one.

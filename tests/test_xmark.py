@@ -1,4 +1,4 @@
-"""X-Mark end to end: generator training -> release -> suspects -> verify.py (METHODS.md §2).
+"""X-Mark end to end: generator training -> release -> suspects -> verify.py (docs/methods/xmark.md).
 
 Fast tests cover the pieces (exact L∞ after the PNG round trip, the owner kit, the marker
 file, the classification suspect); the ``slow`` miniature pipeline trains tiny CNNs on

@@ -92,7 +92,7 @@ def monte_carlo_qr_pvalue(
         weight_map: ``G×G`` floats, e.g. the mean LIME weight map over verification images.
         owner_grid: ``G×G`` bool, the owner's QR code Q.
         null_grids: ``K×G×G`` bool, QR codes of random payloads of the same version/level
-            (``watermark.stealthmark.qr.random_payload_grids``); METHODS asks for K ≥ 10⁴.
+            (``watermark.stealthmark.qr.random_payload_grids``); docs/methods/stealthmark.md uses K = 10⁴.
     Returns:
         ``(p, observed, null_scores)``: ``p = (1 + #{null ≥ observed}) / (1 + K)`` in
         ``[1/(1+K), 1]``, the owner's agreement, and the ``K`` null agreements (Pearson

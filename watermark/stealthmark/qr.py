@@ -4,7 +4,7 @@ A *grid* here is a ``G×G`` boolean numpy array of QR modules without quiet zone
 ``True`` = dark module, ``G = 4·version + 17``. Grids come from the ``qrcode``
 package (encoding) and go back through OpenCV's ``QRCodeDetector`` (decoding).
 
-Why repair exists (METHODS §1): a grid read from a model's uncertainty is ~98% correct,
+Why repair exists (docs/methods/stealthmark.md): a grid read from a model's uncertainty is ~98% correct,
 but OpenCV fails on such grids because errors in the *function patterns* (finders,
 timing, format info) break detection before Reed-Solomon can correct anything. The
 verifier knows version and error-correction level from the owner's secret, so it can

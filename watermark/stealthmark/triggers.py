@@ -4,7 +4,7 @@ Every trigger is deterministic (fixed seed, no state changed by use) and has
 ``apply(images) -> images`` on ``B×C×H×W`` tensors in [0, 1] (returns a new tensor,
 clipped to [0, 1]) and ``region(H, W) -> H×W`` bool tensor: the pixels it writes, which
 cell masking never drops. Overwriting triggers (patch, text, border) have a region and
-must sit in quiet-zone cells (METHODS §1: a trigger over a QR cell corrupts that cell);
+must sit in quiet-zone cells (docs/methods/stealthmark.md: a trigger over a QR cell corrupts that cell);
 global triggers (noise, warp) touch every pixel a little, have an empty region, and are
 applied *after* cell masking, as in training.
 """
