@@ -76,9 +76,21 @@ USAGE = __doc__
 # ----------------------------------------------------------------------------- unmarked models
 
 
-def _checkpoint_backbone(path: str | Path) -> dict:
+def suspect_factories(verify_over: list[str]) -> tuple[str, ...]:
+    """The operator's ``suspect_factories=[...]`` among the verify.py overrides, composed from
+    ``configs/verify.yaml`` as verify.py reads it (``()`` when not given)."""
+    from hydra import compose, initialize_config_dir
+
+    given = [o for o in verify_over if o.split("=", 1)[0].lstrip("+") == "suspect_factories"]
+    with initialize_config_dir(config_dir=str(_ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="verify", overrides=given)
+    return tuple(cfg.suspect_factories)
+
+
+def _checkpoint_backbone(path: str | Path, factories: tuple[str, ...]) -> dict:
     """The marked model's backbone config, validated by :mod:`models.safe_reader` (exact factory
-    table, scalar arguments only): it comes from a file and is then instantiated by training."""
+    table plus the operator's ``factories``, scalar arguments only): it comes from a file and is
+    then instantiated by training."""
     from models.safe_reader import ModelFileError, config_of, read_checkpoint
 
     try:
@@ -87,7 +99,7 @@ def _checkpoint_backbone(path: str | Path) -> dict:
         if not isinstance(backbone, dict):
             raise SystemExit(f"error: {path}: no hyper_parameters.backbone to copy (pass backbones=<names>)")
         # pretrained keys kept: the unmarked twins start like the marked model did
-        return config_of(backbone, path, "hyper_parameters.backbone", no_pretrained=False)
+        return config_of(backbone, path, "hyper_parameters.backbone", factories=factories, no_pretrained=False)
     except ModelFileError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -600,7 +612,7 @@ def owner_model(method: str, doc: dict, secret: Path, options: dict, verify_over
     if "own" in backbones:
         if not marked:
             raise UsageError("backbones=own needs the marked model (suspect=<ckpt>) to copy its backbone")
-        own = _checkpoint_backbone(marked)
+        own = _checkpoint_backbone(marked, suspect_factories(verify_over))
     return alpha, marked, secret_sha256, own, backbones
 
 
