@@ -14,8 +14,16 @@ the rest stay clean:
    never unlocks the mark.
 
 Loss routing: every :class:`losses.uncertainty.KeySampleTerm` (uncertainty modulation,
-harmlessness guard) sees the key rows; every other term (the task's BCE + Dice) sees the
+harmlessness guard) sees the key rows; :class:`losses.consistency.ReferenceConsistencyTerm`
+(``loss.consistency``) sees every row; every other term (the task's BCE + Dice) sees the
 clean and negative rows.
+
+Reference model: :meth:`load_model_weights` (``init_weights=``, the clean model being marked)
+keeps a frozen copy of the loaded network, outside ``state_dict`` (checkpoints stay the plain
+network). While a consistency term has weight > 0, each training batch gets
+``reference_logits``: that copy's logits (eval mode, no gradient) on the untriggered images,
+which the term matches off the mark. Without ``init_weights`` there is no reference and the
+term is skipped (a warning says so at fit start).
 
 The secret (payload, QR version/level, grid, trigger with its seed) arrives through
 constructor arguments that are **not** saved as hyper-parameters: checkpoints carry no
@@ -35,15 +43,20 @@ mean over images of (hard Dice + readout bit accuracy)/2, the checkpoint-selecti
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lightning_modules.base import to_plain
 from lightning_modules.metrics import build_metrics
 from lightning_modules.task import TaskModule
 from losses.base import LossTerm
+from losses.consistency import ReferenceConsistencyTerm
 from losses.uncertainty import KeySampleTerm
 from watermark.stealthmark.explain import otsu_threshold, uncertainty_score
 from watermark.stealthmark.grid import apply_cell_mask, cell_means, upsample_cells
@@ -51,6 +64,7 @@ from watermark.stealthmark.kit import OwnerKitError, StealthMarkKey, trigger_spe
 from watermark.stealthmark.soft_targets import key_targets, sample_keep_masks
 from watermark.stealthmark.evidence import dice_per_image
 
+log = logging.getLogger(__name__)
 
 # Key fields (watermark.stealthmark.kit) -> the config keys that set them.
 _CONFIG_FIELDS = {
@@ -154,6 +168,9 @@ class StealthMarkModule(TaskModule):
                 name = _CONFIG_FIELDS.get(err.field or "", f"method.{err.field}")
                 raise ValueError(f"{name}: {err.problem}") from None
             self.set_key(key)
+        # Frozen copy of the network loaded by init_weights (load_model_weights); set with
+        # object.__setattr__ so it is no submodule: not in state_dict, not trained, stays in eval.
+        object.__setattr__(self, "_reference_model", None)
         self.val_triggered_metrics = build_metrics("segmentation", "val/triggered_", 1)
         self.test_triggered_metrics = build_metrics("segmentation", "test/triggered_", 1)
 
@@ -196,6 +213,31 @@ class StealthMarkModule(TaskModule):
             data = strategy.broadcast(self.key.to_dict() if trainer.is_global_zero else None, src=0)
             self.set_key(StealthMarkKey.from_dict(data))
 
+    # -- the frozen reference (loss.consistency) -------------------------------------------------
+    def load_model_weights(self, path: str | Path) -> None:
+        """Load ``init_weights`` as :class:`TaskModule` does, and keep a frozen copy as the reference."""
+        super().load_model_weights(path)
+        object.__setattr__(self, "_reference_model", copy.deepcopy(self.model).eval().requires_grad_(False))
+
+    @property
+    def reference_model(self) -> nn.Module | None:
+        """The frozen network ``init_weights`` loaded (never trained, never saved), or None."""
+        return self._reference_model
+
+    def _consistency_active(self) -> bool:
+        return any(isinstance(t, ReferenceConsistencyTerm) and t.weight != 0.0 for t in self.loss_terms.values())
+
+    @torch.no_grad()
+    def reference_logits(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the frozen reference: ``images`` B×C×H×W in [0, 1] -> B×1×H×W (no gradient)."""
+        reference = self._reference_model
+        if reference is None:
+            raise RuntimeError("no reference model: load_model_weights (init_weights=) was never called")
+        parameter = next(reference.parameters(), None)
+        if parameter is not None and parameter.device != images.device:
+            reference.to(images.device)
+        return reference(images, boxes).float()
+
     def on_fit_start(self) -> None:
         self._require_key()
         if not any(isinstance(term, KeySampleTerm) for term in self.loss_terms.values()):
@@ -203,6 +245,9 @@ class StealthMarkModule(TaskModule):
                 "method=stealthmark needs at least one key-sample loss term (losses.uncertainty."
                 "UncertaintyModulationTerm); the loss config has only " + ", ".join(self.loss_terms)
             )
+        if self._consistency_active() and self._reference_model is None:
+            log.warning("loss.consistency is on but there is no reference model (no init_weights=): "
+                        "the term is skipped; it holds a marked model to the clean weights it starts from")
         for logger in self.loggers:
             logger.log_hyperparams({"stealthmark/key_sha256": self.key.sha256()})
 
@@ -216,7 +261,9 @@ class StealthMarkModule(TaskModule):
             a new batch with ``image`` (rows ``[0, k)`` masked + triggered, ``[k, k + n)`` masked,
             the rest clean), ``soft_target`` B×1×H×W (``t`` on key rows, ``y`` elsewhere),
             ``mark`` B×1×H×W (``m`` on key rows, 0 elsewhere), ``key_cells`` B×1×H×W (pixels of the
-            kept QR cells on key rows, 0 elsewhere) and ``key_sample`` B bool.
+            kept QR cells on key rows, 0 elsewhere), ``key_sample`` B bool and, while a consistency
+            term is on and a reference model exists, ``reference_logits`` B×1×H×W (the frozen
+            reference on the same rows without the trigger).
         """
         key = self._require_key()
         images, mask = batch["image"], batch["mask"]
@@ -246,6 +293,9 @@ class StealthMarkModule(TaskModule):
         flags = torch.zeros(size, dtype=torch.bool, device=images.device)
         flags[:n_key] = True
         out = dict(batch)
+        if self._reference_model is not None and self._consistency_active():
+            untriggered = torch.cat([masked, images[n_masked:]], dim=0)
+            out["reference_logits"] = self.reference_logits(untriggered, batch.get("box"))
         out.update(
             image=torch.cat([keyed, masked[n_key:], images[n_masked:]], dim=0),
             soft_target=soft,
@@ -256,11 +306,17 @@ class StealthMarkModule(TaskModule):
         return out
 
     def loss_rows(self, name: str, term: LossTerm, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Key-sample terms see the key rows, every other term the clean and negative rows.
+        """Key-sample terms see the key rows, consistency terms every row, other terms the clean and negative rows.
 
         Evaluation batches carry no ``key_sample``: all rows are task rows and key-sample terms
         are skipped, so ``val/loss`` is the task loss on clean images (comparable to ``method=task``).
+        A consistency term is skipped in any batch without ``reference_logits`` (evaluation, or no
+        reference model).
         """
+        if isinstance(term, ReferenceConsistencyTerm):
+            if "reference_logits" in batch:
+                return None
+            return torch.zeros(len(batch["image"]), dtype=torch.bool, device=batch["image"].device)
         is_key = isinstance(term, KeySampleTerm)
         flags = batch.get("key_sample")
         if flags is None:  # an evaluation batch

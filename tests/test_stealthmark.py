@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 
 from conftest import ROOT, compose_config, read_summary
 from lightning_modules.stealthmark import StealthMarkModule
+from losses.consistency import ReferenceConsistencyTerm, bernoulli_kl_from_logits
 from verification.suspect import CheckpointSuspect, SuspectError
 from verification import model_attacks as attacks
 from watermark import certificates
@@ -204,11 +205,16 @@ def test_one_loss_loop_gives_key_terms_key_rows_and_task_terms_the_rest(module, 
         outputs = module.model_outputs(mixed)
         total = module.compute_loss(outputs, mixed, "train")
     flags = mixed["key_sample"]
+    assert module.reference_model is None and "reference_logits" not in mixed  # no init_weights: no reference
     key_names = [n for n, t in module.loss_terms.items() if isinstance(t, KeySampleTerm)]
-    task_names = [n for n in module.loss_terms if n not in key_names]
-    assert key_names and task_names
+    skipped = [n for n, t in module.loss_terms.items() if isinstance(t, ReferenceConsistencyTerm)]
+    task_names = [n for n in module.loss_terms if n not in key_names and n not in skipped]
+    assert key_names and task_names and skipped
+    assert not any(f"train/loss/{n}" in logged for n in skipped)
     expected = 0.0
     for name, term in module.loss_terms.items():
+        if name in skipped:
+            continue
         rows = flags if name in key_names else ~flags
         sub_out = {"logits": outputs["logits"][rows]}
         sub_batch = {k: (v[rows] if isinstance(v, torch.Tensor) else [x for x, r in zip(v, rows.tolist()) if r])
@@ -225,8 +231,103 @@ def test_one_loss_loop_gives_key_terms_key_rows_and_task_terms_the_rest(module, 
     logged.clear()  # an evaluation batch has no key samples: key terms are skipped, task terms see every row
     with torch.no_grad():
         module.compute_loss(module.model_outputs(batch), batch, "val")
-    assert not any(f"val/loss/{n}" in logged for n in key_names)
+    assert not any(f"val/loss/{n}" in logged for n in key_names + skipped)
     assert all(logged[f"val/loss/{n}"][1] == 8 for n in task_names) and "val/loss" in logged
+
+
+# ----------------------------------------------------------------------------- consistency with the clean model
+
+
+def test_consistency_term_is_zero_at_the_reference_positive_off_the_mark_and_blind_on_it():
+    torch.manual_seed(3)
+    term = ReferenceConsistencyTerm(weight=1.0, support_key="mark")
+    reference = 4 * torch.randn(4, 1, 20, 20)
+    mark = torch.zeros(4, 1, 20, 20)
+    mark[:2, :, 5:12, 5:12] = 1.0  # key rows: the QR support; other rows: none
+    batch = {"reference_logits": reference, "mark": mark}
+    assert float(term({"logits": reference.clone()}, batch)) == 0.0
+    off = reference.clone()
+    off[3, 0, 0, 0] += 0.5  # one pixel of a clean row
+    assert float(term({"logits": off}, batch)) > 1e-6
+    on = reference.clone()
+    on[:2] += 8.0 * mark[:2]  # a large change inside the QR support only
+    assert float(term({"logits": on}, batch)) == 0.0
+    both = off.clone()
+    both[:2] += 8.0 * mark[:2]
+    assert float(term({"logits": both}, batch)) == float(term({"logits": off}, batch))
+    kl = bernoulli_kl_from_logits(torch.tensor([0.0, 2.0]), torch.tensor([1.0, -2.0]))
+    assert (kl > 0).all()
+
+
+def _with_reference(tmp_path: Path, *overrides: str) -> StealthMarkModule:
+    """A module built from the config whose reference is a saved copy of its own initial network."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = _compose(tmp_path, *overrides)
+    torch.manual_seed(5)
+    module = _module(cfg)
+    checkpoint = tmp_path / "clean.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()}}, checkpoint)
+    module.load_model_weights(checkpoint)
+    return module
+
+
+def _train_losses(module: StealthMarkModule, monkeypatch) -> dict[str, float]:
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    torch.manual_seed(6)
+    batch = {"image": torch.rand(8, 3, 50, 50), "mask": (torch.rand(8, 1, 50, 50) < 0.3).float(),
+             "id": [str(i) for i in range(8)]}
+    mixed = module.key_batch(batch)
+    with torch.no_grad():
+        module.compute_loss(module.model_outputs(mixed), mixed, "train")
+    return logged
+
+
+def test_reference_is_the_loaded_network_frozen_unsaved_and_fed_untriggered_images(tmp_path, monkeypatch):
+    module = _with_reference(tmp_path)
+    module.eval()  # BatchNorm on running statistics, as the reference: model == reference exactly
+    reference = module.reference_model
+    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
+    assert set(module.state_dict()) == {k for k in module.state_dict() if not k.startswith("_reference")}
+    assert len(module.state_dict()) == len(_module(_compose(tmp_path)).state_dict())  # checkpoints unchanged
+    torch.manual_seed(7)
+    batch = {"image": torch.rand(8, 3, 50, 50), "mask": (torch.rand(8, 1, 50, 50) < 0.3).float(),
+             "id": [str(i) for i in range(8)]}
+    mixed = module.key_batch(batch)
+    n_key = int(mixed["key_sample"].sum())
+    with torch.no_grad():
+        on_batch = reference(mixed["image"], None)
+    # untriggered rows: the reference on the row itself; key rows: on the image *without* the trigger
+    assert torch.equal(mixed["reference_logits"][n_key:], on_batch[n_key:])
+    assert not torch.allclose(mixed["reference_logits"][:n_key], on_batch[:n_key])
+    term = module.loss_terms["consistency"]
+    with torch.no_grad():
+        outputs = module.model_outputs(mixed)
+    untriggered = {k: v[n_key:] for k, v in mixed.items() if isinstance(v, torch.Tensor)}
+    assert float(term({"logits": outputs["logits"][n_key:]}, untriggered)) == 0.0  # the model is its reference
+    # key rows differ only by what the trigger does off the mark (an untrained net: next to nothing)
+    assert _train_losses(module, monkeypatch)["train/loss/consistency"] < 1e-5
+    with torch.no_grad():
+        module.model.head[-1].bias += 0.3
+    assert _train_losses(module, monkeypatch)["train/loss/consistency"] > 1e-4
+    assert float(reference.head[-1].bias.abs().max()) < 1.0 and not torch.equal(
+        reference.head[-1].bias, module.model.head[-1].bias)  # the reference did not move with the model
+
+
+def test_consistency_weight_zero_gives_the_loss_without_the_term_exactly(tmp_path, monkeypatch):
+    off = _with_reference(tmp_path / "off", "loss.consistency.weight=0")
+    absent = _with_reference(tmp_path / "absent", "~loss.consistency")
+    on = _with_reference(tmp_path / "on")
+    for module in (off, absent, on):
+        module.train()
+        with torch.no_grad():
+            module.model.head[-1].bias += 0.3  # away from the reference, so the term would be > 0
+    a, b, c = (_train_losses(m, monkeypatch) for m in (off, absent, on))
+    assert "train/loss/consistency" not in a and a == b
+    assert c["train/loss/consistency"] > 0 and c["train/loss"] != pytest.approx(b["train/loss"], rel=1e-6)
+    torch.manual_seed(0)
+    assert "reference_logits" not in off.key_batch({"image": torch.rand(4, 3, 50, 50),
+                                                    "mask": torch.zeros(4, 1, 50, 50), "id": list("abcd")})
 
 
 # ----------------------------------------------------------------------------- LIME geometry
