@@ -233,7 +233,9 @@ def protection_summary(module, records: list[dict], done: list[dict]) -> dict:
     """``protection.json``: accuracy per view (all / protected only), success rate, placement counts,
     alpha, overlap, lesion change, PSNR (dB), black-box queries, removal settings and per-image rows."""
     n = len(records)
-    views = ("clean", "protected", "median", "jpeg", "inpaint")
+    views = tuple(v for v in ("clean", "protected", "median", "jpeg", "inpaint", "learned")
+                  if records and f"pred_{v}" in records[0])
+    judges = sorted({k.split("_")[0] for k in (records[0] if records else {}) if k.startswith("judge")})
 
     def acc(view: str, rs=records) -> float | None:
         return None if not rs else sum(r[f"pred_{view}"] == r["label"] for r in rs) / len(rs)
@@ -244,6 +246,8 @@ def protection_summary(module, records: list[dict], done: list[dict]) -> dict:
         "method": module.variant, "search": module.search, "num_images": n, "num_protected": len(done),
         "accuracy": {v: acc(v) for v in views},
         "accuracy_protected_only": {v: acc(v, done) for v in views},
+        "accuracy_judges": {j: {v: sum(r[f"{j}_pred_{v}"] == r["label"] for r in records) / n for v in views}
+                            for j in judges},
         "success_rate": None if not done else sum(r["pred_protected"] != r["label"] for r in done) / len(done),
         "success_rate_all": sum(r["pred_protected"] != r["label"] for r in records) / n,
         "placements": {k: sum(r.get("placement", "mark") == k for r in records) for k in ("mark", "delta_only",
@@ -261,10 +265,11 @@ def protection_summary(module, records: list[dict], done: list[dict]) -> dict:
         "psnr_mean": float(np.mean([r["psnr"] for r in done if math.isfinite(r["psnr"])] or [float("nan")])),
         "queries_median": float(np.median(queries)) if queries else None,
         "removal": {"median_k": module.removal_cfg["median_k"], "jpeg_quality": module.removal_cfg["jpeg_quality"],
-                    "inpaint_radius": module.removal_cfg["inpaint_radius"]},
+                    "inpaint_radius": module.removal_cfg["inpaint_radius"],
+                    "learned_steps": module.remover_config.steps, "judges": module.judge_paths},
         "images": [{k: r.get(k) for k in ("id", "label", "placement", "x", "y", "alpha", "scale", "dilation_px",
                                           "polarity", "queries", "overlap_px", "pred_clean",
-                                          "pred_protected", "pred_median", "pred_jpeg", "pred_inpaint")}
+                                          "pred_protected", "pred_median", "pred_jpeg", "pred_inpaint", "pred_learned")}
                    for r in records],
     }
 

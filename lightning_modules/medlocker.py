@@ -46,6 +46,7 @@ from lightning_modules.task import TaskModule
 from models.safe_reader import ModelFileError, load_model_checkpoint
 from verification.adapters import open_suspect
 from watermark.imageio import from_uint8_hwc, to_uint8_hwc  # noqa: F401  (re-exported for old importers)
+from watermark.medlocker.learned_remover import RemoverConfig, train_remover
 from watermark.medlocker.protect import REGION_SOURCES, VARIANTS, Surrogates, build_logo, check_method, \
     image_records, lesion_parts, perturb_fallbacks, place, plan, protection_settings, removal_views, render, \
     surrogate_gradcam
@@ -148,7 +149,11 @@ class MedLockerModule(TaskModule):
             "fallback": dict(fallback),
         })
         self.settings = protection_settings(variant, search, (lo, hi), scale, region, placement, delta, blackbox,
-                                            fallback)
+                                            fallback, removal)
+        self.remover_config = RemoverConfig.from_dict(removal["learned"])
+        self.remover: nn.Module | None = None  # the thief's, trained at test start; never saved
+        self.judge_paths = [str(v) for v in removal.get("judges") or []]
+        self.judges: list[nn.Module] = []
         self.variant, self.search, self.logo_spec = variant, search, dict(logo)
         self.removal_cfg = dict(removal)
         self.ensemble: list[nn.Module] = []  # not submodules: never saved in this module's checkpoint
@@ -199,6 +204,8 @@ class MedLockerModule(TaskModule):
         for path in self.ensemble_paths:
             model, _ = load_model_checkpoint(path, **CLASSIFIER)
             self.ensemble.append(model.to(self.device).eval())
+        self.judges = [load_model_checkpoint(p, **CLASSIFIER)[0].to(self.device).eval() for p in self.judge_paths]
+        self.remover = self._train_remover() if self.remover_config.steps > 0 else None
         suspect = self.settings.blackbox.get("suspect")
         self._blackbox_oracle = None
         if self.search == "blackbox" and suspect:
@@ -207,6 +214,21 @@ class MedLockerModule(TaskModule):
                                                  http=self.settings.blackbox.get("http"),
                                                  num_classes=int(self.hparams.num_classes))
             log.info("black-box search queries %s", getattr(self._blackbox_oracle, "kind", "suspect"))
+
+    def _train_remover(self) -> nn.Module:
+        """The thief's learned remover (:func:`train_remover`) on the train split's clean images."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not datamodule.splits.get("train"):
+            raise ValueError("method.removal.learned.steps > 0 needs the data's train split (the thief's own images)")
+
+        def batches():
+            return (b["image"].to(self.device) for b in datamodule.train_dataloader())
+
+        first = next(iter(batches()))
+        with torch.enable_grad(), torch.inference_mode(False):
+            remover = train_remover(batches, first.shape[1], first.shape[-1], self.remover_config)
+        log.info("learned remover trained (%d steps)", self.remover_config.steps)
+        return remover.to(self.device)
 
     def surrogates(self) -> Surrogates:
         """The surrogate ensemble (``self.model`` first), the placement loss terms and the black-box oracle."""
@@ -242,8 +264,15 @@ class MedLockerModule(TaskModule):
         placements = place(images, labels, plans, logo, self.settings, surrogates, seed0, len(self.records))
         scopes, pols = perturb_fallbacks(images, labels, plans, placements, logo, self.settings, surrogates, seed0)
         rendered = render(images, logo, plans, placements, scopes, pols)
-        preds = {name: self.model(v).argmax(1) for name, v in removal_views(images, rendered, self.removal_cfg).items()}
+        views = removal_views(images, rendered, self.removal_cfg, self.remover)
+        preds = {name: self.model(v).argmax(1) for name, v in views.items()}
         records = image_records(batch, plans, placements, scopes, pols, rendered, preds)
+        for j, judge in enumerate(self.judges):  # classifiers never optimised against (transfer)
+            for name, v in views.items():
+                pred = judge(v).argmax(1)
+                self.log(f"test/judge{j}_acc_{name}", (pred == labels).float().mean(), batch_size=B)
+                for r, p in zip(records, pred):
+                    r[f"judge{j}_pred_{name}"] = int(p)
         self.records.extend(records)
         self._log_protection(records, placements, preds, labels)
         if batch_idx == 0:

@@ -32,10 +32,12 @@ from torch import Tensor
 from watermark.imageio import from_uint8_hwc, quantise, to_uint8_hwc
 from watermark.medlocker.blackbox_search import QueryCounter, SearchConfig, blackbox_search
 from watermark.medlocker.footprint_pgd import pgd_on_footprint
+from watermark.medlocker.learned_remover import apply_remover
 from watermark.medlocker.logo import POLARITIES, composite, composite_soft, footprint, logo_mask, polarise, \
     render_protected, render_qr_logo, render_text_logo
 from watermark.medlocker.regions import boxes_from_mask, fit_mark_all, region_from_boxes, region_from_saliency
 from watermark.medlocker.removal_attacks import inpaint_footprint, jpeg, median_filter
+from watermark.medlocker.removal_eot import check_eot, eot_loss, ring_support
 
 VARIANTS = ("medlocker", "miadmark")
 REGION_SOURCES = ("lesion_mask", "gradcam")
@@ -60,6 +62,8 @@ class ProtectionSettings:
     widen_delta: bool
     delta_only: bool
     polarities: tuple[str, ...]
+    removal: dict  # method.removal: the attacks judged on (and, removal-aware, optimised against)
+    eot: dict  # method.delta.eot: removal_eot.check_eot's weights, blur_sigma, ring_px
 
     @property
     def use_delta(self) -> bool:
@@ -85,7 +89,8 @@ def check_method(variant: str, search: str, region: dict, alpha_range: Sequence[
 
 
 def protection_settings(variant: str, search: str, alpha_range: tuple[float, float], scale: float, region: dict,
-                        placement: dict, delta: dict, blackbox: dict, fallback: dict) -> ProtectionSettings:
+                        placement: dict, delta: dict, blackbox: dict, fallback: dict, removal: dict
+                        ) -> ProtectionSettings:
     """:class:`ProtectionSettings` from the checked method config and ``method.fallback``.
 
     Raises:
@@ -110,7 +115,8 @@ def protection_settings(variant: str, search: str, alpha_range: tuple[float, flo
         scale_ladder=tuple([float(scale)] + [v for v in scales if v != float(scale)]),
         dilation_ladder=tuple(range(dil, min(min_dil, dil) - 1, -1)), ladder_order=order,
         max_candidates=max(1, int(fallback.get("candidates", 1))), widen_delta=bool(fallback.get("widen_delta", False)),
-        delta_only=bool(fallback.get("delta_only", False)), polarities=tuple(polarities))
+        delta_only=bool(fallback.get("delta_only", False)), polarities=tuple(polarities), removal=dict(removal),
+        eot=check_eot(delta["eot"]))
 
 
 def build_logo(spec: dict, image_size: int) -> np.ndarray:
@@ -390,11 +396,13 @@ def _search_rungs(images: Tensor, labels: Tensor, plans: list[dict], logo: np.nd
                                    settings, surrogates)
             if settings.use_delta:
                 marks = [(p["x"], p["y"], p["alpha"], r["scale"], pol) for p, r in zip(found, rungs)]
-                supports = [footprint(H, W, logo, p["x"], p["y"], r["scale"]) for p, r in zip(found, rungs)]
+                supports = [ring_support(footprint(H, W, logo, p["x"], p["y"], r["scale"]), r["region"],
+                                         settings.eot["ring_px"]) for p, r in zip(found, rungs)]
                 delta, scores = perturb(images, labels, idx, marks, supports, logo, settings, surrogates,
                                         seed0 + k + 31 * i_pol)
-                for j, p in enumerate(found):
+                for j, p in enumerate(found):  # a ring takes δ off the footprint: rendered as scope "image"
                     p["score"], p["delta"] = scores[j], delta[j]
+                    p["delta_scope"] = "image" if settings.eot["ring_px"] > 0 else "footprint"
             for b, p, r in zip(idx, found, rungs):
                 better = placements[b] is None or (p["score"] > placements[b]["score"] if i_pol == 0
                                                    else p["score"][0] and not placements[b]["score"][0])
@@ -443,11 +451,15 @@ def perturb(images: Tensor, labels: Tensor, idx: list[int], marks: list[tuple], 
     marked = torch.cat([composite(images[b:b + 1], logos[pol], x_, y_, a_, s_)
                         for b, (x_, y_, a_, s_, pol) in zip(idx, marks)])
     fps = torch.from_numpy(np.stack(supports)).to(images.device)
+    H, W = images.shape[-2:]
+    mark_fps = torch.from_numpy(np.stack([footprint(H, W, logo, x_, y_, s_) if a_ > 0 else np.zeros((H, W), bool)
+                                          for x_, y_, a_, s_, _ in marks])).to(images.device)
 
-    def loss_fn(x: Tensor) -> Tensor:
+    def ce(x: Tensor) -> Tensor:
         return torch.stack([F.cross_entropy(lg.float(), labels[sub], reduction="none")
                             for lg in surrogates.ensemble_logits(x)]).mean(0)
 
+    loss_fn = eot_loss(ce, settings.eot, settings.removal, mark_fps)  # all weights 0: exactly ce
     cfg = settings.delta
     delta = pgd_on_footprint(loss_fn, marked, fps, float(cfg["epsilon"]), int(cfg["steps"]), cfg.get("step_size"),
                              generator=torch.Generator().manual_seed(seed))
@@ -461,7 +473,7 @@ def perturb_fallbacks(images: Tensor, labels: Tensor, plans: list[dict], placeme
     for a marked image still not fooled (kept if it scores better, mark kept) and ``delta_only``
     plans (no mark fits; alpha 0). Returns per image ``delta_scope`` (footprint | image) and polarity."""
     B = len(plans)
-    scopes = ["footprint"] * B
+    scopes = [p.get("delta_scope", "footprint") if p is not None else "footprint" for p in placements]
     pols = [settings.polarities[0] if p is None else p.get("polarity", settings.polarities[0]) for p in placements]
     todo = [b for b in range(B) if plans[b]["kind"] == "mark"]
     delta_only = [b for b in range(B) if plans[b]["kind"] == "delta_only"]
@@ -522,19 +534,25 @@ def render(images: Tensor, logo: np.ndarray, plans: list[dict], placements: list
     return out
 
 
-def removal_views(images: Tensor, rendered: dict[str, Any], removal: dict) -> dict[str, Tensor]:
+def removal_views(images: Tensor, rendered: dict[str, Any], removal: dict, remover: Callable | None = None
+                  ) -> dict[str, Tensor]:
     """The images a classifier is judged on, each B×C×H×W in [0, 1]: ``clean``, ``protected`` and the
-    removal attempts on it -- ``median`` (``removal.median_k``), ``jpeg`` (``jpeg_quality``) and
-    ``inpaint`` of what an attacker can see, the mark (``inpaint_radius``; nothing for δ-only images)."""
+    removal attempts on it -- ``median`` (``removal.median_k``), ``jpeg`` (``jpeg_quality``),
+    ``inpaint`` of what an attacker can see, the mark (``inpaint_radius``; nothing for δ-only images)
+    and, given the thief's ``remover`` (:class:`watermark.medlocker.learned_remover.LearnedRemover`),
+    ``learned``."""
     protected = rendered["protected_tensor"]
-    return {
+    marks = torch.from_numpy(np.stack(rendered["mark_footprint"])).to(protected.device)
+    views = {
         "clean": images,
         "protected": protected,
         "median": median_filter(protected, int(removal["median_k"])),
         "jpeg": jpeg(protected, int(removal["jpeg_quality"])),
-        "inpaint": inpaint_footprint(protected, torch.from_numpy(np.stack(rendered["mark_footprint"])),
-                                     int(removal["inpaint_radius"])),
+        "inpaint": inpaint_footprint(protected, marks, int(removal["inpaint_radius"])),
     }
+    if remover is not None:
+        views["learned"] = apply_remover(remover, protected, marks)
+    return views
 
 
 def image_records(batch: dict[str, Any], plans: list[dict], placements: list[dict | None], scopes: list[str],

@@ -38,6 +38,21 @@ def median_filter(images: Tensor, k: int = 3) -> Tensor:
     return patches.median(dim=1).values.reshape(B, C, H, W)
 
 
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """Per-channel Gaussian blur (kernel radius ``ceil(3 sigma)``, replicate padding); differentiable."""
+    _check(images)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    B, C, H, W = images.shape
+    r = max(1, int(np.ceil(3 * float(sigma))))
+    t = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
+    g = torch.exp(-(t ** 2) / (2 * float(sigma) ** 2))
+    g = g / g.sum()
+    x = F.pad(images.reshape(B * C, 1, H, W), (r, r, r, r), mode="replicate")
+    x = F.conv2d(F.conv2d(x, g.reshape(1, 1, 1, -1)), g.reshape(1, 1, -1, 1))
+    return x.reshape(B, C, H, W)
+
+
 def jpeg(images: Tensor, quality: int = 75) -> Tensor:
     """JPEG encode/decode round trip with OpenCV at ``quality`` in 1..100 (RGB kept in order)."""
     _check(images)
