@@ -242,3 +242,66 @@ def test_segmentation_folder_with_dicom_images_and_png_masks(tmp_path):
     inside = batch["image"][:, 0][batch["mask"][:, 0] > 0]
     outside = batch["image"][:, 0][batch["mask"][:, 0] == 0]
     assert inside.min() > 0.9 and outside.max() < 0.1
+
+
+# --------------------------------------------------------------------------------------
+# End to end: a documented DICOM layout (configs/data/dicom_seg_folder.yaml) trains and verifies
+# --------------------------------------------------------------------------------------
+def dicom_seg_export(root: Path, n: int = 30, size: int = 50) -> Path:
+    """``images/case<i>.dcm`` (16-bit storage, 12 bits stored, MONOCHROME2, a window) and
+    ``masks/case<i>.png``: a bright disc on a noisy background, the disc is the mask."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx, r = rng.integers(12, size - 12), rng.integers(12, size - 12), rng.integers(5, 10)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        pixels = rng.normal(900, 120, (size, size)) + 2400 * disc
+        write_dicom(root / "images" / f"case{i:02d}.dcm", np.clip(pixels, 0, 4095), WindowCenter=2000, WindowWidth=4000)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((disc * 255).astype(np.uint8)).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_dicom_seg_folder_trains_a_watermark_and_verifies_like_png(tmp_path):
+    """train.py (StealthMark, 1 epoch) on ``data=dicom_seg_folder``, then verify.py reads the
+    verification images back from the same .dcm files; a corrupted one is named with exit 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root_dir = Path(__file__).resolve().parents[1]
+    export = dicom_seg_export(tmp_path / "export")
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(root_dir)}
+    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    run = tmp_path / "run"
+    train = [sys.executable, str(root_dir / "train.py"), "experiment=stealthmark_synthetic", "data=dicom_seg_folder",
+             f"data.root={export}", "data.image_size=50", "data.batch_size=8", "data.num_workers=0",
+             "method.trigger.patch.size=4", "trainer.max_epochs=1", "logger=csv", "callbacks.validation_panels=null",
+             "callbacks.watermark_check.num_images=2", *paths, f"hydra.run.dir={run}"]
+    proc = subprocess.run(train, cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert Path(summary["best_checkpoint"]).is_file() and "best-epoch" in summary["best_checkpoint"]
+    assert 0.0 <= summary["test"]["test/dice"] <= 1.0
+    secret = json.loads((run / "owner" / "secret.json").read_text())
+    assert secret["verification"]["data"]["layout"] == "seg_folder"
+    ids = secret["verification"]["ids"]
+    assert ids and all((export / "images" / f"{i}.dcm").is_file() for i in ids)
+
+    def verify(out: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(root_dir / "verify.py"), f"secret={run / 'owner' / 'secret.json'}",
+               f"suspect={summary['best_checkpoint']}", f"out={out}", "verify.num_images=4",
+               "verify.qr_evidence=readout", "verify.null_k=99", *paths]
+        return subprocess.run(cmd, cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = verify(tmp_path / "report")
+    assert proc.returncode in (0, 1), proc.stderr[-4000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["method"] == "stealthmark" and report["queries"] == 2 * min(4, len(ids))
+    assert {d["id"] for d in report["decoded"]} <= set(ids)
+    (export / "images" / f"{ids[0]}.dcm").write_bytes(b"\x00" * 200)
+    proc = verify(tmp_path / "report_bad")
+    assert proc.returncode == 2 and f"{ids[0]}.dcm" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert not (tmp_path / "report_bad" / "report.json").exists()
