@@ -29,12 +29,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import utils.resolvers  # noqa: F401  (registers ${len:...})
 from datamodules.samples import DatasetError
+from verification.adapters.base import CHECKPOINT_SUFFIXES, ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES
+from verification.progress import set_quiet
 from verification.suspect import SuspectError
 from verification.protocols import (
     EXIT_BAD_INPUT,
     EXIT_EXPLORATORY,
     EXIT_NOT_VERIFIED,
     EXIT_VERIFIED,
+    PROTOCOLS,
     BadInput,
     make_stage,
     publish_stage,
@@ -42,6 +45,7 @@ from verification.protocols import (
 )
 from medmark import CONFIG_DIR
 from medmark.cli import hydra_argv
+from medmark.help_text import MODE_SECTIONS
 from watermark.stealthmark.kit import OwnerKitError
 
 log = logging.getLogger("medmark")
@@ -61,6 +65,7 @@ def verify(cfg: DictConfig) -> int:
     stage = None
     try:
         OmegaConf.resolve(cfg)
+        set_quiet(bool(cfg.get("quiet")))
         if cfg.get("out"):
             stage = make_stage(cfg.out)
             with open_dict(cfg):
@@ -84,6 +89,32 @@ def verify(cfg: DictConfig) -> int:
     return code
 
 
+# --help: what each verification module needs on the command line (a protocol missing here is still listed)
+PROTOCOL_USAGE = {
+    "verification.stealthmark": "suspect=<segmentation model> out=<dir>   (trigger response + QR payload by LIME)",
+    "verification.xmark": "suspect=<classifier> out=<dir>   (paired margin test on clean/marked images)",
+    "verification.medlocker": "mode=certificate|restore images=<folder> | mode=evaluate suspect=<classifier>",
+}
+
+
+def help_modes() -> list[str]:
+    """The "Modes" section of ``--help``: the protocols of :data:`PROTOCOLS` and the suspect kinds."""
+    by_module: dict[str, list[str]] = {}
+    for method, module in PROTOCOLS.items():
+        by_module.setdefault(module, []).append(method)
+    width = max(len(", ".join(m)) for m in by_module.values())
+    lines = ["Modes -- the owner kit's secret.json picks the protocol by its `method` field:"]
+    lines += [f"  {', '.join(methods):<{width}}  {PROTOCOL_USAGE.get(module, module)}"
+              for module, methods in by_module.items()]
+    return lines + ["", "Suspects (suspect=):",
+                    f"  checkpoint {'/'.join(CHECKPOINT_SUFFIXES)}, TorchScript {'/'.join(TORCHSCRIPT_SUFFIXES)}, "
+                    f"ONNX {'/'.join(ONNX_SUFFIXES)}, an http(s):// endpoint (http.* settings);",
+                    "  MedLocker: an image folder (images=) of protected images"]
+
+
+MODE_SECTIONS["verify"] = help_modes
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="verify.yaml")
 def main(cfg: DictConfig) -> None:
     _RESULT["code"] = verify(cfg)
@@ -100,10 +131,18 @@ def missing_out(argv: list[str]) -> bool:
                    for arg in argv if "=" in arg)
 
 
+def quiet_flag(argv: list[str]) -> list[str]:
+    """``--quiet`` (no progress bars) -> the override ``quiet=true``; other arguments unchanged."""
+    if "--quiet" not in argv:
+        return argv
+    return [arg for arg in argv if arg != "--quiet"] + ["quiet=true"]
+
+
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python verify.py ...`` / ``medmark verify ...``: the exit code (Hydra's own errors -> 2;
     ``--help``/``--cfg`` -> 0). ``argv=None``: ``sys.argv[1:]``."""
-    if missing_out(sys.argv[1:] if argv is None else argv):
+    argv = quiet_flag(list(sys.argv[1:] if argv is None else argv))
+    if missing_out(argv):
         print("error: out= is required: the report folder (e.g. out=reports/suspect1); exit code 2",
               file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

@@ -19,6 +19,8 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple, Sequence
 
+import medmark.help_text  # noqa: F401,E402  (registers ${medmark_help:...}: --help of every command)
+
 EXIT_BAD_INPUT = 2
 
 

@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 from verification.adapters import open_suspect, suspect_label, suspect_record
 from lightning_modules.medlocker import ClassifierLoadError, from_uint8_hwc
 from verification.report_html import certificate_check
+from verification.progress import Stages, progress
 from verification.reports import write_report
 from verification.protocols import (EXIT_BAD_INPUT, EXIT_NOT_VERIFIED, EXIT_VERIFIED, BadInput, output_dirs, require,
                                 resolve_device)
@@ -148,7 +149,7 @@ def check_certificates(cfg: DictConfig, doc: dict) -> int:
     protected_index = _image_index(Path(cfg.images), "images")
     originals_index = _image_index(Path(cfg.get("originals") or doc["dataset_root"]), "originals")
     rows = []
-    for entry in cert["entries"]:
+    for entry in progress(cert["entries"], desc="re-render check", unit="img"):
         image_id = entry["image_id"]
         prot_path = _find(protected_index, entry.get("protected_path"), image_id)
         orig_path = _find(originals_index, entry.get("protected_path"), image_id)
@@ -247,7 +248,7 @@ def restore_images(cfg: DictConfig, doc: dict) -> int:
         raise BadInput(str(err)) from None
     # phase 2: decrypt all in memory; a wrong key or altered data writes nothing
     restored: list[tuple[str, np.ndarray]] = []
-    for image_id, prot_path, blob, bound, dest in plan:
+    for image_id, prot_path, blob, bound, dest in progress(plan, desc="restore", unit="img"):
         try:
             original = restore(_read_image(prot_path), blob, master, image_id, destination=bound)
         except RestoreError as err:
@@ -313,7 +314,7 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
              "inpaint": inpaint_footprint(prot_t, np.stack(fps), int(removal["inpaint_radius"]))}
     size = cfg.get("image_size")
     accuracy = {}
-    for name, v in views.items():
+    for name, v in progress(views.items(), total=len(views), desc="suspect on views", unit="view"):
         if size:
             v = torch.nn.functional.interpolate(v, size=(int(size), int(size)), mode="bilinear", antialias=True)
         preds = torch.cat([suspect.predict(v[i:i + 64]).argmax(1) for i in range(0, len(v), 64)])
@@ -352,10 +353,13 @@ def run(cfg: DictConfig) -> int:
     mode = str(cfg.mode)
     if mode not in MODES:
         raise BadInput(f"mode must be one of {MODES}, got {mode!r}")
-    doc = read_secret(cfg.secret)
-    if mode == "certificate":
-        return check_certificates(cfg, doc)
-    if mode == "restore":
-        return restore_images(cfg, doc)
-    return evaluate_suspect(cfg, doc)
+    stages = Stages(2)  # stage lines with timings in the log (verification/progress.py)
+    with stages("read secret"):
+        doc = read_secret(cfg.secret)
+    with stages(f"mode {mode}"):
+        if mode == "certificate":
+            return check_certificates(cfg, doc)
+        if mode == "restore":
+            return restore_images(cfg, doc)
+        return evaluate_suspect(cfg, doc)
 

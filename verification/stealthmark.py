@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from verification.adapters import open_suspect, suspect_label, suspect_record
 from verification.attacks import apply_attack
+from verification.progress import QueryBar, Stages
 from verification.reports import announce_verdict, write_report
 from verification.protocols import (BadInput, apply_threshold_overrides, data_config, markdown_threshold_lines,
                                     output_dirs, require, resolve_device, split_samples,
@@ -117,6 +118,15 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def expected_queries(cfg: DictConfig, num_images: int) -> int:
+    """Images the suspect will be sent: 2 per verification image, plus LIME's samples (x2 for ``contrast``)."""
+    total = 2 * num_images
+    if cfg.verify.qr_evidence == "lime":
+        per_sample = 2 if cfg.verify.lime_target == "contrast" else 1
+        total += min(int(cfg.verify.num_lime_images), num_images) * int(cfg.verify.num_samples) * per_sample
+    return total
+
+
 def run(cfg: DictConfig) -> int:
     """StealthMark verification of ``cfg.suspect`` against ``cfg.secret``; returns the exit code."""
     require(cfg, "suspect", "out")
@@ -134,26 +144,37 @@ def run(cfg: DictConfig) -> int:
         raise BadInput(f"verify.response_margin must be >= 0, got {thresholds['response_margin']}")
     if float(thresholds["min_decoded"]) < 0 or not float(thresholds["min_decoded"]).is_integer():
         raise BadInput(f"verify.min_decoded must be an integer >= 0, got {thresholds['min_decoded']}")
-    datamodule = instantiate(data_config(doc["verification"]["data"], cfg.data, cfg.secret))
-    images, masks, ids = verification_images(datamodule, doc, cfg, cfg.secret)
-    device = resolve_device(cfg.device)
-    suspect = open_suspect(cfg.suspect, task="segmentation", device=device, factories=tuple(cfg.suspect_factories),
-                           http=cfg.get("http"))
-    # removal attack before verification (verification/attacks.py); weight attacks on a suspect without
-    # weights (HTTP / ONNX / TorchScript) are bad input, exit 2
-    suspect, attack = apply_attack(cfg.attack, suspect, datamodule, "segmentation")
-    nulls = null_grids(key.qr_version, key.error_correction, int(cfg.verify.null_k), int(cfg.verify.null_seed),
-                       cfg.verify.cache_dir)
-    predictor = CountingPredictor(suspect.predict, batch_size=int(cfg.verify.batch_size), source=str(cfg.suspect))
-    result = verify_stealthmark(
-        predictor, key, images, ids, thresholds, masks=masks,
-        num_lime_images=int(cfg.verify.num_lime_images), num_samples=int(cfg.verify.num_samples),
-        batch_size=int(cfg.verify.batch_size), lime_seed=int(cfg.verify.lime_seed),
-        qr_evidence=str(cfg.verify.qr_evidence), lime_target=str(cfg.verify.lime_target),
-        lime_surrogate=str(cfg.verify.lime_surrogate), nulls=nulls, figures_dir=stage / "figures",
-        num_figures=int(cfg.verify.num_figures),
-    )
+    stages = Stages(5)  # stage lines with timings in the log (verification/progress.py)
+    with stages("load suspect") as step:
+        datamodule = instantiate(data_config(doc["verification"]["data"], cfg.data, cfg.secret))
+        images, masks, ids = verification_images(datamodule, doc, cfg, cfg.secret)
+        device = resolve_device(cfg.device)
+        suspect = open_suspect(cfg.suspect, task="segmentation", device=device,
+                               factories=tuple(cfg.suspect_factories), http=cfg.get("http"))
+        # removal attack before verification (verification/attacks.py); weight attacks on a suspect without
+        # weights (HTTP / ONNX / TorchScript) are bad input, exit 2
+        suspect, attack = apply_attack(cfg.attack, suspect, datamodule, "segmentation")
+        step.detail = f"{getattr(suspect, 'kind', 'checkpoint')}, {len(images)} images, attack {attack['name']}"
+    with stages("null model") as step:
+        nulls = null_grids(key.qr_version, key.error_correction, int(cfg.verify.null_k), int(cfg.verify.null_seed),
+                           cfg.verify.cache_dir)
+        step.detail = f"{len(nulls)} random QR codes"
+    with QueryBar(suspect.predict, expected_queries(cfg, len(images))) as query_bar:
+        predictor = CountingPredictor(query_bar, batch_size=int(cfg.verify.batch_size), source=str(cfg.suspect))
+        result = verify_stealthmark(
+            predictor, key, images, ids, thresholds, masks=masks,
+            num_lime_images=int(cfg.verify.num_lime_images), num_samples=int(cfg.verify.num_samples),
+            batch_size=int(cfg.verify.batch_size), lime_seed=int(cfg.verify.lime_seed),
+            qr_evidence=str(cfg.verify.qr_evidence), lime_target=str(cfg.verify.lime_target),
+            lime_surrogate=str(cfg.verify.lime_surrogate), nulls=nulls, figures_dir=stage / "figures",
+            num_figures=int(cfg.verify.num_figures),
+        )
     result.pop("_arrays")
+    timings, n_decoded = result["timings"], sum(d["matches"] for d in result["decoded"])
+    stages.record("response test", timings["response_and_readout"], f"{len(images)} images")
+    stages.record("LIME" if result["qr"]["evidence"] == "lime" else "QR readout", timings["qr_channel"],
+                  f"{n_decoded}/{len(result['decoded'])} decoded")
+    report_started = time.perf_counter()
     staged_figures = list(result["figures"])
     report = {
         **result,
@@ -175,6 +196,8 @@ def run(cfg: DictConfig) -> int:
     }
     write_report(stage, report, render_markdown(report), "StealthMark ownership verification", staged_figures,
                  redact=[key.payload])
+    stages.record("report", time.perf_counter() - report_started + timings.get("figures", 0.0),
+                  f"{len(staged_figures)} figures")
     n_dec = sum(d["matches"] for d in report["decoded"])
     return announce_verdict(rules, report, bool(result["verified"]), (
         f"p={report['p_value']:.3g} (response p={report['response_p_value']:.3g}, "

@@ -45,6 +45,7 @@ from models.xmark_marker import load_marker  # noqa: E402
 from watermark.imageio import quantise  # noqa: E402
 from watermark.xmark.marker import XMarkMarker, marker_sha256, query_pairs  # noqa: E402
 from verification.attacks import apply_attack, task_quality  # noqa: E402
+from verification.progress import QueryBar, Stages  # noqa: E402
 from verification.reports import announce_verdict, write_report  # noqa: E402
 from verification.protocols import (  # noqa: E402
     BadInput,
@@ -255,8 +256,8 @@ def _open_suspect(cfg: DictConfig, doc: dict):
 
 def _query_pairs(cfg: DictConfig, suspect, queries: dict[str, Any], target: int) -> dict[str, np.ndarray]:
     """The suspect's ``p_benign``, ``p_marked`` (finite, else BadInput) and ``pred_marked`` per image."""
-    pairs = query_pairs(suspect.predict, queries["clean"], queries["marked"], target,
-                        batch_size=int(cfg.verify.batch_size))
+    with QueryBar(suspect.predict, 2 * len(queries["clean"])) as predict:
+        pairs = query_pairs(predict, queries["clean"], queries["marked"], target, batch_size=int(cfg.verify.batch_size))
     for name in ("p_benign", "p_marked"):
         if not np.all(np.isfinite(pairs[name])):
             raise BadInput(f"{cfg.suspect}: the suspect returned non-finite probabilities (NaN/inf) for "
@@ -303,14 +304,25 @@ def run(cfg: DictConfig) -> int:
     doc = read_xmark_secret(cfg.secret)
     rules, tau, alpha = _thresholds(cfg, doc)
     target = int(doc["target_class"])
-    marker, watermark_file, source = _load_marker(cfg, doc)
-    queries = _query_images(cfg, doc, marker)
-    suspect = _open_suspect(cfg, doc)
-    # removal attack before verification (verification/attacks/): the pairs, BA and report see the attacked suspect
-    suspect, attack = apply_attack(cfg.attack, suspect, queries["datamodule"], "classification")
-    pairs = _query_pairs(cfg, suspect, queries, target)
-    result = {**xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target), "tau": tau}
-    benign = _benign_accuracy(cfg, suspect, queries, marker.image_size)
+    stages = Stages(5)  # stage lines with timings in the log (verification/progress.py)
+    with stages("marked query images") as step:
+        marker, watermark_file, source = _load_marker(cfg, doc)
+        queries = _query_images(cfg, doc, marker)
+        step.detail = f"{len(queries['ids'])} pairs, watermark {source}"
+    with stages("load suspect") as step:
+        suspect = _open_suspect(cfg, doc)
+        # removal attack before verification (verification/attacks/): the pairs, BA and report see the attacked suspect
+        suspect, attack = apply_attack(cfg.attack, suspect, queries["datamodule"], "classification")
+        step.detail = f"{getattr(suspect, 'kind', 'checkpoint')}, attack {attack['name']}"
+    with stages("paired margin test") as step:
+        pairs = _query_pairs(cfg, suspect, queries, target)
+        result = {**xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target),
+                  "tau": tau}
+        step.detail = f"{len(queries['ids'])} pairs, p={result['p_value']:.3g}"
+    with stages("benign accuracy") as step:
+        benign = _benign_accuracy(cfg, suspect, queries, marker.image_size)
+        step.detail = "skipped (verify.benign_accuracy=false)" if benign is None else f"{benign:.3f}"
+    report_started = time.perf_counter()
     # the owner's clean controls at this τ/α (re-tested from stored per-image probabilities)
     try:
         control = retest_controls(doc.get("control") or {}, tau, alpha, target)
@@ -356,6 +368,7 @@ def run(cfg: DictConfig) -> int:
                    "data_overrides": {k: val for k, val in queries["overrides"].items() if val is not None}},
     }
     write_report(stage, report, render_markdown(report), "X-Mark dataset ownership verification", figures)
+    stages.record("controls and report", time.perf_counter() - report_started, f"{len(control)} clean controls")
     why = "" if passes or not result["verified"] else " (a clean control model also passes: no evidence)"
     return announce_verdict(rules, report, passes, (
         f"p={result['p_value']:.3g}, ΔP={result['delta_p']:.3f}, WSR={result['wsr']:.2f}, m={len(queries['ids'])}, "
