@@ -124,9 +124,11 @@ class XMarkRelease(Callback):
         thresholds: ``{tau, alpha}``, pre-registered in the secret.
         owner_id: certificate field.
         private_key: owner's Ed25519 PEM; null = create ``<owner_dir>/owner_private_key.pem``.
-        heldout_control: ``{epochs, seeds, lr}`` -- train one clean model of the surrogate's
-            architecture per seed, which the generator never saw (``epochs: 0`` or no seeds =
-            none), and record them as controls ``heldout_0..``: the clean models inside the
+        heldout_control: ``{epochs, seeds, lr, proxy_families}`` -- train one clean model of the
+            surrogate's architecture per seed (and, with ``proxy_families``, one of each extra
+            proxy family of the ensemble, e.g. a clean VGG), which the generator never saw
+            (``epochs: 0`` or no seeds = none), and record them as controls ``heldout_0..``
+            (their architectures in ``release.json`` ``heldout_architectures``): the clean models inside the
             training loop are blind to the mark by construction, so only models outside it can
             show that δ has become a transferable adversarial perturbation (then no verdict can
             be claimed). Whether one clean model picks δ up depends on its seed, hence several.
@@ -160,32 +162,47 @@ class XMarkRelease(Callback):
         self.batch_size = int(batch_size)
         held = heldout_control or {}
         held = OmegaConf.to_container(held, resolve=True) if isinstance(held, DictConfig) else dict(held)
-        unknown = sorted(set(held) - {"epochs", "seeds", "lr"})
+        unknown = sorted(set(held) - {"epochs", "seeds", "lr", "proxy_families"})
         if unknown:
-            raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} (epochs, seeds, lr)")
+            raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} "
+                             "(epochs, seeds, lr, proxy_families)")
         self.heldout_control = {"epochs": int(held.get("epochs", 0)), "seeds": [int(v) for v in held.get("seeds", [])],
-                                "lr": float(held.get("lr", 1e-3))}
+                                "lr": float(held.get("lr", 1e-3)),
+                                "proxy_families": bool(held.get("proxy_families", False))}
         if self.heldout_control["epochs"] < 0:
             raise ValueError("callbacks.xmark_release.heldout_control.epochs must be >= 0")
         self.control_checkpoints = [str(p) for p in (control_checkpoints or [])]
+        self.heldout_architectures: list[str] = []  # filled by heldout_models, one per held-out control
 
     # -- pieces -------------------------------------------------------------------------------
+    def heldout_families(self, pl_module) -> dict[str, dict | None]:
+        """``{family name: backbone config}`` of the trained held-out controls (None = the surrogate's)."""
+        families = pl_module.heldout_families() if hasattr(pl_module, "heldout_families") else {"surrogate": None}
+        if not self.heldout_control["proxy_families"]:
+            families = {"surrogate": families.get("surrogate")}
+        return families
+
     def heldout_models(self, pl_module, datamodule) -> list[torch.nn.Module]:
         """Clean models outside the generator's training loop (``heldout_control``, ``control_checkpoints``)."""
         models = []
+        self.heldout_architectures: list[str] = []
         epochs = self.heldout_control["epochs"]
         for seed in self.heldout_control["seeds"] if epochs > 0 else []:
-            started = time.time()
-            models.append(pl_module.train_heldout_control(datamodule.train_dataloader(), epochs, seed,
-                                                          self.heldout_control["lr"]))
-            log.info("held-out control %d: %s (seed %d) trained %d epochs on the clean training split in %.0f s",
-                     len(models) - 1, type(models[-1]).__name__, seed, epochs, time.time() - started)
+            for family, backbone in self.heldout_families(pl_module).items():
+                started = time.time()
+                models.append(pl_module.train_heldout_control(datamodule.train_dataloader(), epochs, seed,
+                                                              self.heldout_control["lr"], backbone))
+                name = (backbone or {}).get("name") or getattr(models[-1], "name", None) or family
+                self.heldout_architectures.append(str(name))
+                log.info("held-out control %d: %s (%s, seed %d) trained %d epochs on the clean training split in %.0f s",
+                         len(models) - 1, family, name, seed, epochs, time.time() - started)
         for i, path in enumerate(self.control_checkpoints):
             try:
                 model, _ = load_model_checkpoint(path, task="classification")
             except ModelFileError as err:
                 raise ValueError(f"callbacks.xmark_release.control_checkpoints[{i}]: {err}") from None
             models.append(model.eval().requires_grad_(False))
+            self.heldout_architectures.append(f"control_checkpoints[{i}]")
         return models
 
     def _owner_keys(self):
@@ -287,9 +304,14 @@ class XMarkRelease(Callback):
             control[name] = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
             # per-image numbers: verify.py re-tests the control at any τ/α (sealed or exploratory)
             control[name].update({field: np.asarray(pairs[field]).tolist() for field in CONTROL_PER_IMAGE})
-        proxy = copy.deepcopy(pl_module.model).cpu().eval()
-        pairs = query_pairs(lambda x: torch.softmax(proxy(x), 1), images, marked, target)
-        proxy_result = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"], target)
+        proxies = pl_module.proxies() if hasattr(pl_module, "proxies") else {"backbone": pl_module.model}
+        proxy_results = {}
+        for name, proxy in proxies.items():
+            proxy = copy.deepcopy(proxy).cpu().eval()
+            pairs = query_pairs(lambda x, proxy=proxy: torch.softmax(proxy(x), 1), images, marked, target)
+            proxy_results[name] = xmark_test(pairs["p_benign"], pairs["p_marked"], tau, alpha, pairs["pred_marked"],
+                                             target)
+        proxy_result = proxy_results["backbone"]
 
         classes = list(datamodule.classes)
         doc = build_xmark_secret(
@@ -315,6 +337,9 @@ class XMarkRelease(Callback):
             "fraction": self.fraction, "pool": self.pool, **quality, "m": len(ids),
             "control": {k: {n: v[n] for n in ("p_value", "delta_p", "wsr", "verified")} for k, v in control.items()},
             "proxy": {n: proxy_result[n] for n in ("p_value", "delta_p", "wsr", "verified")},
+            "proxies": {k: {n: v[n] for n in ("p_value", "delta_p", "wsr", "verified")}
+                        for k, v in proxy_results.items()},
+            "heldout_architectures": list(getattr(self, "heldout_architectures", [])),
             "seconds": round(time.time() - started, 1),
         }
         (self.output_dir / "release.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -322,7 +347,8 @@ class XMarkRelease(Callback):
               f"(PSNR {'inf (δ rounds to 0 everywhere)' if quality['psnr_mean'] is None else format(quality['psnr_mean'], '.2f') + ' dB'}, L∞ {quality['linf_255']}/255 <= ε={marker.epsilon * 255:.2f}/255)"
               f" -> {self.release_dir}; owner kit -> {self.owner_dir}; clean controls "
               + ", ".join(f"{k}: ΔP={v['delta_p']:.3f} p={v['p_value']:.3g}" for k, v in control.items())
-              + f"; proxy Mal: ΔP={proxy_result['delta_p']:.3f} p={proxy_result['p_value']:.3g}", flush=True)
+              + "; proxy Mal: " + ", ".join(f"{k} ΔP={v['delta_p']:.3f} p={v['p_value']:.3g}"
+                                            for k, v in proxy_results.items()), flush=True)
         passing = [name for name, v in control.items() if v["verified"]]
         if passing:
             # Not an error: the release is written, but verify.py will refuse every verdict on it.

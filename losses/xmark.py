@@ -5,7 +5,9 @@ The X-Mark objective runs the generator on a batch and fills ``outputs`` with:
 
 * ``marked`` -- x_w, B×C×H×W in [0, 1]; ``delta`` -- δ, B×C×H×W in [−ε, ε];
 * ``marked_logits`` -- B×K logits of the frozen model the watermark is learnt against
-  (the clean surrogate, or the proxy Mal model of the bilevel scheme) on x_w;
+  (the clean surrogate, or the proxy Mal model of the bilevel scheme) on x_w -- or a list
+  of P such tensors, one per proxy of an ensemble, with ``proxy_weights`` (tensor P, ≥ 0,
+  summing to 1) giving each proxy's share of the term;
 * ``reference_marked_logits`` -- list of B×K logits of clean *reference* models on x_w.
 
 ``batch`` is the data-module batch (``image`` B×C×H×W in [0, 1], ``label`` B long). Every
@@ -60,18 +62,42 @@ class TargetedCETerm(TargetClassTerm):
     """Cross-entropy pushing marked NON-target images to ``target_class``.
 
     ``mean over {i: label_i ≠ y_t} of CE(marked_logits_i, y_t)``; 0 when the batch has no
-    non-target image. Lower = the model already predicts y_t on the marked images.
+    non-target image. Lower = the model already predicts y_t on the marked images. With a
+    proxy ensemble, ``outputs[logits_key]`` is a list of P logits tensors and the term is
+    ``sum_k w_k · CE_k`` with ``w = outputs[weights_key]`` (P weights summing to 1; missing =
+    uniform), so a proxy of weight 0 sends G no gradient.
 
-    Reads ``outputs[logits_key]`` (B×K) and ``batch[label_key]`` (B, long).
+    Reads ``outputs[logits_key]`` (B×K, or a list of P B×K), ``outputs[weights_key]`` (P,
+    optional) and ``batch[label_key]`` (B, long).
     """
 
-    def compute(self, outputs: dict[str, Any], batch: dict[str, Any]) -> Tensor:
-        logits = outputs[self.logits_key]
-        keep = batch[self.label_key].to(logits.device) != self.target_class
+    def __init__(self, weight: float = 1.0, target_class: int = 1, logits_key: str = "marked_logits",
+                 label_key: str = "label", weights_key: str = "proxy_weights"):
+        super().__init__(weight, target_class, logits_key, label_key)
+        self.weights_key = weights_key
+
+    def _one(self, logits: Tensor, labels: Tensor) -> Tensor:
+        keep = labels.to(logits.device) != self.target_class
         if not bool(keep.any()):
             return _zero_like_graph(logits)
         target = torch.full((int(keep.sum()),), self.target_class, dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits[keep], target)
+
+    def compute(self, outputs: dict[str, Any], batch: dict[str, Any]) -> Tensor:
+        logits = outputs[self.logits_key]
+        labels = batch[self.label_key]
+        if isinstance(logits, Tensor):
+            return self._one(logits, labels)
+        if len(logits) == 0:
+            raise ValueError(f"{type(self).__name__}: outputs[{self.logits_key!r}] is an empty list of proxies")
+        weights = outputs.get(self.weights_key)
+        if weights is None:
+            weights = torch.full((len(logits),), 1.0 / len(logits))
+        if len(weights) != len(logits):
+            raise ValueError(f"{type(self).__name__}: {len(logits)} proxies' logits but {len(weights)} weights "
+                             f"(outputs[{self.weights_key!r}])")
+        weights = weights.to(logits[0].device, logits[0].dtype)
+        return torch.stack([w * self._one(lg, labels) for w, lg in zip(weights, logits)]).sum()
 
 
 class UntargetedSuppressionTerm(TargetClassTerm):
