@@ -15,7 +15,7 @@ Steps, all with medmark's own functions:
 4. the stored protected image (:func:`watermark.medlocker.logo.render_protected`), its encrypted
    restore record, and the bit-exact restoration with the master key.
 
-    python docs/make_medlocker_figures.py --surrogate <run>/checkpoints/best.ckpt
+    python docs/make_medlocker_figures.py --surrogate <run>/checkpoints/best-epochNNN.ckpt
 
 Writes ``docs/figures/medlocker_retina_*.png`` and ``docs/figures/medlocker_retina_demo.json``.
 """
