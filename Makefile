@@ -33,7 +33,7 @@ venv: $(STAMP) $(PKG_STAMP)
 
 # The main job: the StealthMark story on built-in synthetic polyps (generated on first use under
 # data/): train a clean UNet, watermark it, verify both, print both verdicts and the Dice of each.
-# 12-17 min on a 2-core CPU (docs/stealthmark.md §4 for what this budget reaches; make demo-full for the rest).
+# 11 min 40 s on an idle 2-core CPU with .venv present (docs/stealthmark.md §4: what this budget reaches; make demo-full for the rest).
 demo: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo
 
