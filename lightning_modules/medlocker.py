@@ -226,7 +226,8 @@ class MedLockerModule(TaskModule):
 
         first = next(iter(batches()))
         with torch.enable_grad(), torch.inference_mode(False):
-            remover = train_remover(batches, first.shape[1], first.shape[-1], self.remover_config)
+            remover = train_remover(batches, first.shape[1], first.shape[-1], self.remover_config,
+                                    int(self.removal_cfg["inpaint_radius"]))
         log.info("learned remover trained (%d steps)", self.remover_config.steps)
         return remover.to(self.device)
 

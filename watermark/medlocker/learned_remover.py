@@ -4,9 +4,12 @@ The thief has clean images of his own and his own logos (QR codes of his own pay
 the owner's asset), so he can make (marked, clean) pairs himself: each clean image gets one of
 his logos at a random position, opacity and polarity, plus a random L∞ perturbation on the
 logo's footprint standing in for MIAD-MARK's δ (δ-less MedLocker when ``delta_epsilon`` is 0).
-The U-Net (``segmentation_models_pytorch.Unet``, no pretrained weights) sees the marked image
-and the mark's footprint (a thief sees where the mark is, as the inpainting attack assumes) and
-predicts the clean image as a residual: ``clean ≈ clip(marked + U(marked, footprint))``.
+The U-Net (``segmentation_models_pytorch.Unet``, no pretrained weights) sees the marked image,
+the mark's footprint (a thief sees where the mark is, as the inpainting attack assumes) and the
+OpenCV inpainting of that footprint, and predicts the clean image as a correction of the
+inpainting: ``clean ≈ clip(inpaint(marked) + U(marked, inpaint(marked), footprint))`` -- its
+output head starts at zero, so the untrained remover is exactly the inpainting attack, and
+training teaches it what inpainting leaves (δ around the mark, the fill's errors).
 
 Applied to the owner's protected images with their visible marks' footprints, it is one more
 removal attempt of the attack suite (``method.removal.learned``). Images are ``B x C x H x W``
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 
 from watermark.imageio import quantise
 from watermark.medlocker.logo import POLARITIES, composite, footprint, polarise, render_qr_logo
+from watermark.medlocker.removal_attacks import inpaint_footprint
 
 
 @dataclass(frozen=True)
@@ -96,36 +100,45 @@ def make_pairs(clean: Tensor, logos: list[np.ndarray], config: RemoverConfig, rn
 
 
 class LearnedRemover(nn.Module):
-    """``forward(images B×C×H×W in [0, 1], footprints bool B×H×W) -> B×C×H×W in [0, 1]`` (residual U-Net)."""
+    """``forward(images B×C×H×W in [0, 1], footprints bool B×H×W) -> B×C×H×W in [0, 1]``: a U-Net
+    correction of the inpainting (``inpaint_radius`` px, Telea) of the footprints."""
 
-    def __init__(self, channels: int, config: RemoverConfig):
+    def __init__(self, channels: int, config: RemoverConfig, inpaint_radius: int):
         super().__init__()
         import segmentation_models_pytorch as smp
 
         self.unet = smp.Unet(encoder_name=config.encoder, encoder_weights=None, encoder_depth=config.encoder_depth,
-                             decoder_channels=config.decoder_channels, in_channels=channels + 1, classes=channels)
+                             decoder_channels=config.decoder_channels, in_channels=2 * channels + 1,
+                             classes=channels)
+        self.inpaint_radius = int(inpaint_radius)
         self.multiple = 2 ** config.encoder_depth
+        head = self.unet.segmentation_head[0]  # zero residual at the start: the untrained remover is the identity
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
     def forward(self, images: Tensor, footprints: Tensor) -> Tensor:
         B, C, H, W = images.shape
-        x = torch.cat([images, footprints.reshape(B, 1, H, W).to(images.dtype)], 1)
+        base = inpaint_footprint(images.detach(), footprints, self.inpaint_radius)
+        x = torch.cat([images, base, footprints.reshape(B, 1, H, W).to(images.dtype)], 1)
         pad_h, pad_w = (-H) % self.multiple, (-W) % self.multiple
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        return (images + self.unet(x)[..., :H, :W]).clamp(0, 1)
+        return (base + self.unet(x)[..., :H, :W]).clamp(0, 1)
 
 
-def train_remover(clean_batches, channels: int, image_size: int, config: RemoverConfig) -> LearnedRemover:
+def train_remover(clean_batches, channels: int, image_size: int, config: RemoverConfig, inpaint_radius: int
+                  ) -> LearnedRemover:
     """Train the thief's remover for ``config.steps`` Adam steps (L1 to the clean image).
 
     Args:
         clean_batches: a callable returning a fresh iterable of the thief's clean images,
             B×C×H×W float in [0, 1] (cycled until ``steps`` batches have been drawn).
         channels: C; image_size: the images' side (logo sizes follow it).
+        inpaint_radius: the radius of the inpainting the remover corrects (``method.removal.inpaint_radius``).
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     logos = thief_logos(config, image_size)
-    model = LearnedRemover(channels, config)
+    model = LearnedRemover(channels, config, inpaint_radius)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train()
     step, pool = 0, torch.empty(0)
