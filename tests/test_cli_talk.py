@@ -72,6 +72,7 @@ def verification_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_a_verification_logs_numbered_stage_lines_with_timings(verification_run):
     out, proc = verification_run
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]  # an untrained suspect: not verified
@@ -93,6 +94,7 @@ def test_a_verification_logs_numbered_stage_lines_with_timings(verification_run)
     assert PAYLOAD not in proc.stdout + proc.stderr + (out / "verify.log").read_text()
 
 
+@pytest.mark.slow
 def test_no_progress_bar_when_stderr_is_not_a_terminal(verification_run):
     _, proc = verification_run
     # tqdm draws with carriage returns and rates ("img/s"); a pipe gets neither
@@ -121,6 +123,18 @@ def test_bars_only_on_a_terminal_and_never_when_quiet(monkeypatch):
     assert "suspect queries" in drawn(quiet=False, terminal=True)
     assert drawn(quiet=True, terminal=True) == ""
     assert drawn(quiet=False, terminal=False) == ""
+
+
+def test_attack_training_and_task_quality_show_bars_on_a_terminal(monkeypatch):
+    from verification.model_attacks import _train_loop
+
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    model = torch.nn.Linear(2, 1)
+    batches = [{"x": torch.randn(4, 2)} for _ in range(2)]
+    record = _train_loop(model, batches, lambda b: model(b["x"]).square().mean(), epochs=2, lr=1e-3,
+                         weight_decay=0.0, max_batches=None, device=torch.device("cpu"))
+    assert record["steps"] == 4 and "attack training" in stream.getvalue()
 
 
 def test_quiet_flag_becomes_the_override():
@@ -156,6 +170,7 @@ def test_help_lists_modes_exit_codes_examples_and_no_internal_preset(module, cap
         assert "data: " in text and "synthetic_polyp" in text
 
 
+@pytest.mark.slow
 def test_help_of_the_script_exits_0_and_names_exit_codes():
     proc = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=ENV)

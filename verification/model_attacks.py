@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from verification.progress import progress
+
 TASKS = ("segmentation", "classification")
 _PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -117,7 +119,7 @@ def _train_loop(model: nn.Module, batches: Iterable, step_loss: Callable[[Mappin
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps, first, last, epoch_losses = 0, None, None, []
-    for _ in range(int(epochs)):
+    for _ in progress(range(int(epochs)), desc="attack training", unit="epoch"):
         total, count = 0.0, 0
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:

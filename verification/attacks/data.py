@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.functional.classification import multiclass_recall
 
+from verification.progress import progress
 from verification.protocols import BadInput
 
 
@@ -53,7 +54,7 @@ def _dice(suspect: Any, loader: DataLoader) -> tuple[float, int]:
 
     dice = DiceScore(num_classes=1, average="micro", aggregation_level="samplewise", input_format="one-hot")
     sent = 0
-    for batch in loader:
+    for batch in progress(loader, desc="task quality (Dice)", unit="batch"):
         probs = suspect.predict(batch["image"]).float()
         sent += len(batch["image"])
         mask = batch["mask"]
@@ -65,7 +66,7 @@ def _dice(suspect: Any, loader: DataLoader) -> tuple[float, int]:
 
 def _balanced_accuracy(suspect: Any, loader: DataLoader) -> tuple[float, int]:
     preds, labels, sent = [], [], 0
-    for batch in loader:
+    for batch in progress(loader, desc="task quality (balanced accuracy)", unit="batch"):
         preds.append(suspect.predict(batch["image"]).argmax(1))
         labels.append(batch["label"])
         sent += len(batch["image"])
