@@ -1,0 +1,163 @@
+"""X-Mark proxy ensemble, step budget and suspect-matrix benchmark (docs/xmark.md "Measured (ensemble)").
+
+Fast: the ensemble config composes (families from configs/backbone), bad ensemble settings are
+refused by name, every proxy sends the generator gradient (and a proxy of weight 0 none), the
+``sample`` mode never draws a zero-weight proxy, and a tiny fit stops after the same number of
+generator steps for 1× and 2× the data, releasing held-out controls of every family.
+Slow: ``benchmarks/xmark_matrix.py --tiny`` end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_config
+
+# Three tiny proxies of two families (small CNN as backbone, a ResNet18, a second small CNN), 32 px.
+TINY_ENSEMBLE = [
+    "experiment=xmark_synthetic", "logger=none", "test=false", "callbacks.validation_panels=null",
+    "callbacks.xmark_panels=null", "data.synthetic.num_images=80", "data.synthetic.image_size=32",
+    "data.image_size=32", "data.batch_size=16", "loss.lpips=null", "method.saliency_cache_dir=null",
+    "method.generator.base_width=4", "method.generator.depth=2",
+    "method.warmup_steps=2", "method.proxy_steps=2", "method.generator_steps=3",
+    "+backbone@method.extra_proxies.resnet18=resnet18", "+backbone@method.extra_proxies.cnn_b=small_cnn",
+    "callbacks.xmark_release.seed=5", "callbacks.xmark_release.verification.seed=6",
+    "callbacks.xmark_release.verification.num_images=8",
+]
+
+
+def build_module(overrides: list[str], tmp_path: Path):
+    cfg = compose_config(overrides, tmp_path)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    return instantiate(plain["method"], backbone=plain["backbone"], loss=plain["loss"], _recursive_=False), cfg
+
+
+def test_ensemble_experiment_composes_families_from_configs_backbone(tmp_path):
+    cfg = compose_config(["experiment=xmark_ensemble_synthetic"], tmp_path)
+    proxies = OmegaConf.to_container(cfg.method.extra_proxies, resolve=True)
+    assert cfg.backbone.name == "small_cnn" and sorted(proxies) == ["resnet18", "vgg16_bn"]
+    assert proxies["vgg16_bn"]["name"] == "vgg16_bn" and proxies["vgg16_bn"]["mlp_ratio"] == 0.0625
+    assert proxies["resnet18"]["num_classes"] == 2 and proxies["resnet18"]["in_channels"] == 1
+    assert cfg.method.generator_steps == 45 and cfg.callbacks.xmark_release.heldout_control.proxy_families
+    single = compose_config(["experiment=xmark_synthetic"], tmp_path)
+    assert OmegaConf.to_container(single.method.extra_proxies) == {}  # the original single-proxy X-Mark
+
+
+@pytest.mark.parametrize("change, message", [
+    (["+backbone@method.extra_proxies.backbone=resnet18"], "'backbone' is the name of the main proxy"),
+    (["+method.proxy_weights.vgg=1.0"], r"proxy_weights names \['vgg'\]"),
+    (["+method.proxy_weights.backbone=0.0", "+method.proxy_weights.resnet18=0.0",
+      "+method.proxy_weights.cnn_b=0.0"], "positive sum"),
+    (["method.proxy_combine=vote"], "proxy_combine must be sum or sample"),
+    (["method.generator_steps=0"], "generator_steps must be >= 1"),
+    (["method.warmup_steps=0"], "warmup_steps must be >= 1"),
+])
+def test_bad_ensemble_settings_are_refused_by_name(tmp_path, change, message):
+    with pytest.raises(Exception, match=message):
+        build_module(TINY_ENSEMBLE + change, tmp_path)
+
+
+def _generator_grads(module, batch, weights: dict[str, float]) -> torch.Tensor:
+    """Gradient on G's parameters of the targeted term with these proxy weights (sum mode)."""
+    module.hparams.proxy_weights = {n: weights.get(n, 1.0) for n in module.proxies()}
+    module.generator.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    outputs = module.generator_outputs(batch, module.saliency(batch["image"]), train=True)
+    module.loss_terms["targeted"].compute(outputs, batch).backward()
+    return torch.cat([p.grad.flatten() for p in module.generator.parameters() if p.grad is not None])
+
+
+def test_every_proxy_drives_the_generator_and_a_zero_weight_proxy_does_not(tmp_path):
+    module, _ = build_module(TINY_ENSEMBLE, tmp_path)
+    module.surrogate.eval()
+    names = list(module.proxies())
+    assert names == ["backbone", "resnet18", "cnn_b"] and len(module.clean_twins) == 2
+    assert len(module.clean_models()) == 3  # surrogate + a clean twin per extra family (Ind-M term)
+    torch.manual_seed(1)
+    batch = {"image": torch.rand(6, 1, 32, 32), "label": torch.tensor([0, 0, 0, 1, 0, 1])}
+    alone = {n: _generator_grads(module, batch, {m: float(m == n) for m in names}) for n in names}
+    for name, grad in alone.items():
+        assert grad.abs().sum() > 0, f"proxy {name} sends the generator no gradient"
+    every = _generator_grads(module, batch, {})
+    # sum mode = the weighted mean of the proxies' terms: the gradient is the mean of each one's
+    assert torch.allclose(every, sum(alone.values()) / 3, rtol=1e-4, atol=1e-7)
+    without = _generator_grads(module, batch, {"resnet18": 0.0})
+    assert not torch.allclose(every, without, rtol=1e-3)
+    assert torch.allclose(without, (alone["backbone"] + alone["cnn_b"]) / 2, rtol=1e-4, atol=1e-7)
+
+    module.hparams.proxy_combine = "sample"
+    module.hparams.proxy_weights = {"backbone": 0.0, "resnet18": 1.0, "cnn_b": 3.0}
+    torch.manual_seed(0)
+    drawn = [module.proxies_for_step(train=True)[0] for _ in range(200)]
+    assert all(len(d) == 1 for d in drawn) and {d[0] for d in drawn} == {"resnet18", "cnn_b"}
+    assert 0.6 < sum(d[0] == "cnn_b" for d in drawn) / 200 < 0.9  # ∝ weight (3:1)
+    assert module.proxies_for_step(train=False)[0] == ["resnet18", "cnn_b"]  # evaluation: every proxy
+
+
+def _fit(tmp_path: Path, name: str, extra: list[str], monkeypatch) -> tuple[object, dict]:
+    """A real ``train.py`` run in-process; the X-Mark module it trained and its ``release.json``."""
+    import utils.run as run_module
+
+    built = {}
+
+    def keep_module(config, *args, **kwargs):
+        obj = instantiate(config, *args, **kwargs)
+        if type(obj).__name__ == "XMarkModule":
+            built["module"] = obj
+        return obj
+
+    monkeypatch.setattr(run_module, "instantiate", keep_module)
+    run_module.run_training(compose_config(TINY_ENSEMBLE + extra + [f"paths.output_dir={tmp_path / name}"], tmp_path))
+    return built["module"], json.loads((tmp_path / name / "release.json").read_text())
+
+
+def test_step_budget_is_independent_of_dataset_size_and_controls_cover_every_family(tmp_path, monkeypatch):
+    """Same generator steps for 80 and 160 images; the release tests every proxy and a held-out control per family."""
+    held = ["callbacks.xmark_release.heldout_control.epochs=1", "callbacks.xmark_release.heldout_control.seeds=[1]"]
+    small, release = _fit(tmp_path, "x1", held, monkeypatch)
+    large, _ = _fit(tmp_path, "x2", ["data.synthetic.num_images=160", "callbacks.xmark_release.heldout_control.epochs=0"],
+                    monkeypatch)
+    budget = 2 + 3 * 2  # warmup_steps + generator_steps * proxy_steps
+    assert small.trainer.num_training_batches < large.trainer.num_training_batches  # 2x data, more batches/epoch
+    for module in (small, large):
+        assert int(module.iterations) == budget and module.generator_updates == 3
+    assert sorted(release["proxies"]) == ["backbone", "cnn_b", "resnet18"]
+    assert release["heldout_architectures"] == ["small_cnn", "resnet18", "small_cnn"]  # surrogate's + each family
+    assert {"heldout_0", "heldout_1", "heldout_2", "reference_0", "reference_1", "reference_2"} == set(release["control"])
+    assert release["linf_within_epsilon"] and release["linf_255"] <= int(255 * release["epsilon"])
+
+
+def test_matrix_refuses_a_folder_that_is_not_a_release(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "xmark_matrix.py"), "--release", str(tmp_path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "release.json" in proc.stderr and str(tmp_path) in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_matrix_tiny_writes_json_markdown_and_heat_map(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "xmark_matrix.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                               "WANDB_MODE": "disabled", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "xmark_matrix.json").read_text())
+    assert json.loads(proc.stdout) == doc
+    assert [(c["arch"], c["scenario"]) for c in doc["cells"]] == [("small_cnn", "mal"), ("small_cnn", "indm")]
+    for cell in doc["cells"]:
+        assert cell["error"] is None and 0.0 <= cell["p_value"] <= 1.0 and 0.0 <= cell["benign_accuracy"] <= 1.0
+    assert doc["summary"][0]["mal_runs"] == 1 and doc["summary"][0]["indm_runs"] == 1
+    table = (out / "xmark_matrix.md").read_text()
+    assert "| ΔP | p | WSR | benign BA | verdict |" in table and "Ind-M" in table
+    assert (out / "xmark_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
