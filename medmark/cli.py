@@ -35,7 +35,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("eval", "run a checkpoint on a data split: summary.json + figures, no training (configs/eval.yaml)"),
 }
 
-USAGE = "usage: medmark {train,verify,evaluate} [hydra overrides ...]   (medmark <command> --help: its config)"
+USAGE = "usage: medmark {train,verify,evaluate} [hydra overrides ...]   (medmark <command> --help: its modes, exit codes, overrides, examples)"
 
 
 def usage() -> str:
