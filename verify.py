@@ -46,6 +46,8 @@ from verification.protocols import (
 from medmark import CONFIG_DIR
 from medmark.cli import hydra_argv
 from medmark.help_text import MODE_SECTIONS
+from utils.loggers import start_wandb_run
+from verification.wandb_report import log_verification
 from watermark.stealthmark.kit import OwnerKitError
 
 log = logging.getLogger("medmark")
@@ -73,6 +75,7 @@ def verify(cfg: DictConfig) -> int:
         code = run_protocol(cfg)
         if code in VERDICT_CODES and stage is not None:
             publish_stage(stage, Path(cfg.out))
+            log_verification(cfg, code, start_wandb_run)  # logger=wandb: run + report artifact (else nothing)
         elif code not in VERDICT_CODES:
             code = EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - any error is exit 2, never "not verified"

@@ -15,9 +15,13 @@ import logging
 import math
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.loggers import WandbLogger
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger("medmark")
 
@@ -31,20 +35,91 @@ def wandb_credentials_present() -> bool:
         return False
 
 
-def build_wandb_logger(save_dir: str, project: str, offline: bool | None = None, **kwargs) -> WandbLogger:
-    """A :class:`WandbLogger` that goes offline by itself when it cannot log online."""
+def _goes_offline(offline: bool | None, save_dir: str) -> bool:
+    """``offline`` as given, or (None) whether W&B must log offline: ``WANDB_MODE`` or no credentials."""
     mode = os.environ.get("WANDB_MODE", "").lower()
     if offline is None:
         offline = mode in ("offline", "dryrun") or not wandb_credentials_present()
     os.environ.setdefault("WANDB_SILENT", "true")  # wandb's banners go to stdout otherwise
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(save_dir=save_dir, project=project, offline=offline, **kwargs)
     if offline and mode != "disabled":
         log.warning(
             "W&B is logging offline (no credentials or WANDB_MODE=offline). "
             "To upload later: `wandb sync %s/wandb/offline-run-*`", save_dir
         )
-    return logger
+    return bool(offline)
+
+
+def build_wandb_logger(save_dir: str, project: str, offline: bool | None = None, **kwargs) -> WandbLogger:
+    """A :class:`WandbLogger` that goes offline by itself when it cannot log online."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    offline = _goes_offline(offline, save_dir)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(save_dir=save_dir, project=project, offline=offline, **kwargs)
+
+
+def start_wandb_run(save_dir: str, project: str, offline: bool | None = None, log_model: Any = None,
+                    _target_: str | None = None, **init_kwargs):
+    """A plain ``wandb.init`` run (no Trainer: ``verify.py logger=wandb``) from the same ``logger.wandb``
+    config as :func:`build_wandb_logger`, offline by itself likewise. ``log_model`` and ``_target_``
+    (keys of that config meant for the Lightning logger) are ignored; ``init_kwargs`` go to ``wandb.init``
+    (``name``, ``group``, ``tags``, ``job_type``, ``config``, ``id``...)."""
+    import wandb
+
+    offline = _goes_offline(offline, save_dir)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(dir=save_dir, project=project, mode="offline" if offline else "online",
+                      **{k: v for k, v in init_kwargs.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------- W&B run id
+#
+# <run>/wandb_run_id.txt keeps the run's W&B id, so that a resumed run (ckpt_path=) continues the same
+# W&B run (resume="allow") instead of starting a new one.
+
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def _read_run_id(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text and all(c.isalnum() or c in "-_" for c in text) else None
+
+
+def keep_wandb_run_id(wandb_cfg: Any, output_dir: str | Path, ckpt_path: str | None, write: bool = True) -> str:
+    """Fix ``wandb_cfg.id`` (the ``logger.wandb`` config, changed in place) and record it in
+    ``<output_dir>/wandb_run_id.txt``; returns the id.
+
+    The id is, first found: ``wandb_cfg.id`` when set; a W&B sweep agent's ``WANDB_RUN_ID``; on resume
+    (``ckpt_path``) the id saved in this run folder or in the checkpoint's run folder
+    (``<ckpt_path>/../../wandb_run_id.txt``), with ``resume: allow`` so W&B continues that run; else a
+    new one. ``write=False`` (other processes than global rank 0) records nothing.
+    """
+    from omegaconf import open_dict
+
+    output_dir = Path(output_dir)
+    run_id = wandb_cfg.get("id") or os.environ.get("WANDB_RUN_ID") or None
+    if run_id is None and ckpt_path:
+        candidates = [output_dir / WANDB_RUN_ID_FILE, Path(ckpt_path).resolve().parent.parent / WANDB_RUN_ID_FILE]
+        run_id = next((found for found in map(_read_run_id, candidates) if found), None)
+        if run_id is None:
+            log.warning("resume: no W&B run id in %s; this run starts a new W&B run",
+                        " or ".join(str(c) for c in candidates))
+        else:
+            log.info("resume: continuing W&B run %s", run_id)
+    resume = run_id is not None and bool(ckpt_path)
+    if run_id is None:  # W&B's own format: 8 characters of [a-z0-9]
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    with open_dict(wandb_cfg):
+        wandb_cfg.id = str(run_id)
+        if resume:
+            wandb_cfg.resume = "allow"
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / WANDB_RUN_ID_FILE).write_text(f"{run_id}\n", encoding="ascii")
+    return str(run_id)
 
 
 # ----------------------------------------------------------------------------- CSV + curves

@@ -25,9 +25,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from utils.loggers import CURVES_FILE, metrics_csv_of, plot_curves, with_csv_logger
+from utils.loggers import CURVES_FILE, keep_wandb_run_id, metrics_csv_of, plot_curves, with_csv_logger
 
 log = logging.getLogger("medmark")
 
@@ -437,6 +438,9 @@ def run_training(cfg: DictConfig) -> float | None:
     callbacks = instantiate_list(cfg.get("callbacks"))
     epoch_clock = EpochClock()
     callbacks.append(epoch_clock)
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb", default=None)
+    if wandb_cfg is not None:  # <run>/wandb_run_id.txt: a resumed run (ckpt_path=) continues its W&B run
+        keep_wandb_run_id(wandb_cfg, output_dir, cfg.get("ckpt_path"), write=rank_zero_only.rank == 0)
     loggers = with_csv_logger(instantiate_list(cfg.get("logger")), output_dir)  # CSV always: figures/curves.png
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

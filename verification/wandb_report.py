@@ -1,0 +1,204 @@
+"""``verify.py logger=wandb``: a verification as a W&B run (``job_type="verify"``) linked to its training run.
+
+After ``verify.py`` has published a verdict (exit 0, 1 or 3), :func:`log_verification`
+
+* starts a W&B run from the ``logger.wandb`` config (offline by itself without credentials) whose
+  config is the verify config with every secret value of the owner kit replaced by
+  ``<secret hmac-sha256:HEX>`` under the kit's salt (``<kit>/redaction_salt.hex``; ``<secret>``
+  without it) -- the marker ``config.yaml`` of a training run carries;
+* logs the verdict, the exit code and the report's numbers (p-values, ASR, ...) in the run summary,
+  and the report's figures as images;
+* logs the report (``report.json``/``.md``/``.html`` + ``figures/``) as an artifact of type
+  ``verification-report``. The StealthMark report holds the decoded payload text; the copies sent
+  to W&B have every secret string of the kit replaced by ``[redacted]`` (as ``report.html`` does);
+* declares lineage: the training run's ``owner-kit-<id>`` artifact (named in the kit's public
+  ``wandb_run.json``, written by ``callbacks/wandb_artifacts.py``) is used as the run's input
+  (``run.use_artifact``). W&B's offline mode cannot declare inputs: offline, the training run's id
+  and artifact name are in the run config (``training_run``) only.
+
+A W&B failure never changes the verdict: it is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("medmark")
+
+REPORT_FILES = ("report.json", "report.md", "report.html")
+REPORT_ARTIFACT_TYPE = "verification-report"
+KIT_RUN_RECORD = "wandb_run.json"       # in the kit folder, beside secret.json
+RUN_ID_FILE = "wandb_run_id.txt"        # in the training run folder (the kit's parent)
+SALT_FILE = "redaction_salt.hex"
+VERDICTS = {0: "VERIFIED", 1: "NOT VERIFIED", 3: "EXPLORATORY"}
+
+#: Dotted fields of each method's secret.json whose values are secret (lists: every element).
+SECRET_FIELDS = {
+    "stealthmark": ("key.payload", "key.trigger.seed"),
+    "xmark": ("verification.seed", "release.marked_ids"),
+    "medlocker": (),  # its secret.json holds no key material (the keys are separate files)
+    "miadmark": (),
+}
+
+
+def kit_secret_values(secret_doc: dict) -> list[Any]:
+    """The secret values of a secret.json document (strings and numbers), by its ``method``."""
+    values: list[Any] = []
+    for dotted in SECRET_FIELDS.get(secret_doc.get("method"), ()):
+        node: Any = secret_doc
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        for value in node if isinstance(node, list) else [node]:
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+                values.append(value)
+    return values
+
+
+def read_salt(kit_dir: Path) -> bytes | None:
+    """The kit's 32-byte redaction salt (None: absent or unreadable -- e.g. a verifier without it)."""
+    try:
+        salt = bytes.fromhex((kit_dir / SALT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return salt if len(salt) == 32 else None
+
+
+def secret_marker(value: Any, salt: bytes | None) -> str:
+    """``<secret hmac-sha256:HEX>``: HMAC-SHA256 of the value's canonical JSON under ``salt``
+    (the formula of ``utils.run.secret_digest``, which config.yaml uses); ``<secret>`` without a salt."""
+    if salt is None:
+        return "<secret>"
+    message = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return f"<secret hmac-sha256:{hmac.new(salt, message, hashlib.sha256).hexdigest()}>"
+
+
+def redact_tree(node: Any, secrets: list[Any], salt: bytes | None) -> Any:
+    """``node`` (plain containers) with each leaf equal to a secret, or a string containing a secret
+    string, replaced by :func:`secret_marker` of that secret."""
+    if isinstance(node, dict):
+        return {k: redact_tree(v, secrets, salt) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact_tree(v, secrets, salt) for v in node]
+    for secret in secrets:
+        if (node == secret and type(node) is type(secret)) or (
+                isinstance(node, str) and isinstance(secret, str) and secret in node):
+            return secret_marker(secret, salt)
+        if isinstance(node, str) and not isinstance(secret, str) and node == str(secret):
+            return secret_marker(secret, salt)
+    return node
+
+
+def redact_text(text: str, secrets: Iterable[Any]) -> str:
+    """``text`` with every secret string replaced by ``[redacted]`` (numbers of >= 6 digits too)."""
+    for secret in secrets:
+        if isinstance(secret, str) or len(str(secret)) >= 6:
+            text = text.replace(str(secret), "[redacted]")
+    return text
+
+
+def training_record(secret_path: Path) -> dict[str, Any] | None:
+    """The training run's W&B identity: the kit's ``wandb_run.json``, else the run id of
+    ``<kit>/../wandb_run_id.txt`` (no artifact name then); None when neither is there."""
+    kit = secret_path.parent
+    try:
+        record = json.loads((kit / KIT_RUN_RECORD).read_text())
+        if isinstance(record, dict) and record.get("run_id"):
+            return record
+    except (OSError, ValueError):
+        pass
+    try:
+        run_id = (kit.parent / RUN_ID_FILE).read_text().strip()
+    except OSError:
+        return None
+    return {"run_id": run_id} if run_id else None
+
+
+def summary_values(report: dict, code: int) -> dict[str, Any]:
+    """The run summary: verdict, exit code and the report's top-level numbers and booleans."""
+    values = {k: v for k, v in report.items() if isinstance(v, (int, float, bool)) and v is not None}
+    values.update({"verdict": VERDICTS.get(code, str(code)), "exit_code": int(code)})
+    return values
+
+
+def _report_artifact(out: Path, report: dict, secrets: list[Any], run_name: str, staging: Path):
+    """A ``verification-report`` artifact of the report files (redacted copies) and figures."""
+    import wandb
+
+    artifact = wandb.Artifact(run_name, type=REPORT_ARTIFACT_TYPE, metadata={
+        "verified": report.get("verified"), "exploratory": report.get("exploratory"),
+        "method": report.get("method"), "secret_sha256": report.get("secret_sha256")})
+    for name in REPORT_FILES:
+        if (out / name).is_file():
+            (staging / name).write_text(redact_text((out / name).read_text(encoding="utf-8"), secrets),
+                                        encoding="utf-8")
+            artifact.add_file(str(staging / name), name=name)
+    for figure in sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []:
+        artifact.add_file(str(figure), name=f"figures/{figure.name}")
+    return artifact
+
+
+def _declare_lineage(run: Any, record: dict[str, Any] | None) -> None:
+    name = (record or {}).get("owner_kit_artifact")
+    if not name:
+        log.info("W&B: no training run recorded in the owner kit (wandb_run.json): no lineage declared")
+        return
+    if run.settings._offline:
+        log.info("W&B offline mode cannot declare artifact inputs; the training run (%s, artifact %s) is in "
+                 "this run's config as training_run", record.get("run_id"), name)
+        return
+    path = "/".join(p for p in (record.get("entity"), record.get("project"), f"{name}:latest") if p)
+    try:
+        run.use_artifact(path)
+    except Exception as exc:  # noqa: BLE001 - lineage is a link, never a reason to fail
+        log.warning("W&B: could not use artifact %s as input: %s: %s", path, type(exc).__name__, exc)
+
+
+def log_verification(cfg: DictConfig, code: int, start_run: Callable[..., Any]) -> str | None:
+    """Log a published verification (``cfg.out``) to W&B when ``cfg.logger.wandb`` is set.
+
+    Args:
+        cfg: the resolved verify config (``secret``, ``out``, ``logger.wandb``).
+        code: the verdict's exit code (0, 1 or 3).
+        start_run: ``utils.loggers.start_wandb_run`` (``**logger.wandb`` + wandb.init arguments -> run).
+    Returns:
+        the W&B run id, or None (no W&B logger, or W&B failed: a warning says why).
+    """
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb", default=None)
+    if not wandb_cfg:
+        return None
+    try:
+        import wandb
+
+        secret_path, out = Path(cfg.secret), Path(cfg.out)
+        secrets = kit_secret_values(json.loads(secret_path.read_text()))
+        salt = read_salt(secret_path.parent)
+        record = training_record(secret_path)
+        config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "stage_dir"}
+        config = redact_tree({**config, "training_run": record}, secrets, salt)
+        report = json.loads((out / "report.json").read_text())
+        settings = {k: v for k, v in OmegaConf.to_container(wandb_cfg, resolve=True).items() if k not in ("id", "resume")}
+        run = start_run(**settings, job_type="verify", config=config)
+        try:
+            _declare_lineage(run, record)
+            run.summary.update(redact_tree(summary_values(report, code), secrets, salt))
+            figures = sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []
+            if figures:
+                run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
+            name = f"verification-{(record or {}).get('run_id') or 'unlinked'}"
+            with tempfile.TemporaryDirectory() as staging:
+                run.log_artifact(_report_artifact(out, report, secrets, name, Path(staging)), aliases=["latest"])
+            return run.id
+        finally:
+            run.finish()
+    except Exception as exc:  # noqa: BLE001 - W&B never changes a verdict
+        log.warning("W&B: the verification was not logged: %s: %s", type(exc).__name__, exc)
+        return None
