@@ -93,6 +93,8 @@ def test_every_proxy_drives_the_generator_and_a_zero_weight_proxy_does_not(tmp_p
     without = _generator_grads(module, batch, {"resnet18": 0.0})
     assert not torch.allclose(every, without, rtol=1e-3)
     assert torch.allclose(without, (alone["backbone"] + alone["cnn_b"]) / 2, rtol=1e-4, atol=1e-7)
+    weighted = _generator_grads(module, batch, {"backbone": 3.0, "resnet18": 1.0, "cnn_b": 0.0})
+    assert torch.allclose(weighted, (3 * alone["backbone"] + alone["resnet18"]) / 4, rtol=1e-4, atol=1e-7)
 
     module.hparams.proxy_combine = "sample"
     module.hparams.proxy_weights = {"backbone": 0.0, "resnet18": 1.0, "cnn_b": 3.0}
