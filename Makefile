@@ -42,7 +42,7 @@ demo: venv
 demo-full: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo_full --mark-epochs 160 --lime-images 10
 
-# Plain segmentation training only (UNet on synthetic polyps, ~2 min): the foundation's demo.
+# Plain segmentation training only (UNet on synthetic polyps, 3 CPU-minutes, docs/quickstart.md): the foundation's demo.
 demo-task: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) train.py experiment=task_seg_synthetic logger=csv
 
