@@ -305,8 +305,10 @@ class XMarkModule(TaskModule):
             self.surrogate.eval().requires_grad_(False)
             for model in self.references:
                 model.eval().requires_grad_(False)
-        budget = self.total_iterations
-        if budget is not None and self.trainer is not None:
+
+    def on_train_start(self) -> None:
+        budget = self.total_iterations  # the training batches are known from here on
+        if budget is not None:
             batches, epochs = self.trainer.num_training_batches, self.trainer.max_epochs
             if epochs is not None and epochs >= 0 and batches * epochs < budget:
                 log.warning("method.generator_steps=%d needs %d iterations, but trainer.max_epochs=%d x %d batches "
