@@ -38,12 +38,14 @@ MODEL_TYPE = "model"
 
 
 def wandb_run_of(trainer: Trainer) -> Any | None:
-    """The ``wandb`` run of the trainer's :class:`WandbLogger` (None: no W&B logger, or not rank zero)."""
+    """The ``wandb`` run of the trainer's :class:`WandbLogger` (None: no W&B logger, not rank zero, or
+    W&B disabled -- ``WANDB_MODE=disabled``, as in tests)."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            return logger.experiment
+            run = logger.experiment
+            return None if getattr(run, "disabled", False) else run
     return None
 
 

@@ -118,8 +118,13 @@ def test_offline_stealthmark_story_has_checkpoint_kit_and_report_artifacts_and_n
     assert sha256(Path(summary["best_checkpoint"])) in staged          # checkpoint (opt-in)
     assert sha256(kit / "certificate.json") in staged                  # certificate
     assert sha256(kit / "owner_public_key.pem") in staged              # public key
-    assert sha256(out / "report.html") in staged                       # report (html is redacted already)
-    assert any(sha256(p) in staged for p in (out / "figures").glob("*.png"))
+    assert b"report.json" in verify_log and b"report.html" in verify_log  # report, in the artifact's manifest
+    staged_texts = [p.read_bytes() for p in wandb_files(tmp_path / "wandb_data" / "artifacts")]
+    assert any(b'"secret_sha256"' in data for data in staged_texts)   # report.json
+    assert any(data.lstrip().lower().startswith(b"<!doctype html") for data in staged_texts)  # report.html
+    # StealthMark's figures draw the decoded payload: they stay in the owner's report folder only
+    figures = list((out / "figures").glob("*.png"))
+    assert figures and not any(sha256(p) in staged for p in figures)
     assert_no_secret(wandb_files(run_dir / "wandb", out / "wandb", tmp_path / "wandb_data", tmp_path / "wandb_dir",
                                  tmp_path / "wandb_cache"), kit)
 
@@ -203,7 +208,7 @@ def test_verify_report_and_config_sent_to_wandb_are_redacted(tmp_path, monkeypat
     (out / "report.html").write_text("<p>[redacted]</p>")
     from PIL import Image
 
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(out / "figures" / "qr_null.png")
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(out / "figures" / "image00_img0.png")  # draws the payload
     cfg = OmegaConf.create({"secret": str(kit / "secret.json"), "out": str(out), "note": f"about {PAYLOAD}",
                             "seed_again": TRIGGER_SEED, "logger": {"wandb": {
                                 "_target_": "utils.loggers.build_wandb_logger", "save_dir": str(out),
@@ -217,6 +222,8 @@ def test_verify_report_and_config_sent_to_wandb_are_redacted(tmp_path, monkeypat
     staged = [p.read_bytes() for p in wandb_files(tmp_path / "wandb_data" / "artifacts")]
     assert any(b'"text": "[redacted]"' in data for data in staged)  # report.json, redacted copy
     assert any(b"| img0 | [redacted] |" in data for data in staged)   # report.md
+    assert any(b"<html" in data.lower() for data in staged)           # report.html, rendered again
+    assert sha256(out / "figures" / "image00_img0.png") not in staged_sha256(tmp_path)  # StealthMark: no figure
     for path in wandb_files(out / "wandb", tmp_path / "wandb_data"):
         assert PAYLOAD.encode() not in path.read_bytes(), path
         assert str(TRIGGER_SEED).encode() not in path.read_bytes(), path
@@ -227,6 +234,10 @@ def test_run_id_is_kept_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
     from utils.loggers import WANDB_RUN_ID_FILE, keep_wandb_run_id
 
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # no W&B run: nothing kept
+    assert keep_wandb_run_id(OmegaConf.create({"id": None}), tmp_path / "off", ckpt_path=None) is None
+    assert not (tmp_path / "off").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
     first = OmegaConf.create({"project": "medmark", "id": None})
     run_id = keep_wandb_run_id(first, tmp_path / "a", ckpt_path=None)
     assert first.id == run_id and "resume" not in first
@@ -244,3 +255,21 @@ def test_run_id_is_kept_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
     swept = OmegaConf.create({"project": "medmark", "id": None})
     assert keep_wandb_run_id(swept, tmp_path / "c", ckpt_path=None, write=False) == "agent42"
     assert not (tmp_path / "c").exists()
+
+
+def test_without_a_live_wandb_run_the_callback_writes_and_logs_nothing(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from callbacks.wandb_artifacts import WandbArtifacts
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # logger=wandb with W&B switched off (the tests' default)
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "certificate.json").write_text("{}\n")
+    checkpoint = tmp_path / "best.ckpt"
+    checkpoint.write_bytes(b"w")
+    callback = WandbArtifacts(str(tmp_path), ["owner/certificate.json", "owner/wandb_run.json"], log_checkpoint=True)
+    for logger in (WandbLogger(save_dir=str(tmp_path), project="medmark"), CSVLogger(save_dir=str(tmp_path))):
+        trainer = _fake_trainer(logger, checkpoint)
+        callback.on_fit_end(trainer, None)
+        callback.teardown(trainer, None, "fit")
+    assert not (tmp_path / "owner" / "wandb_run.json").exists() and not (tmp_path / "wandb").exists()

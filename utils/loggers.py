@@ -88,16 +88,20 @@ def _read_run_id(path: Path) -> str | None:
     return text if text and all(c.isalnum() or c in "-_" for c in text) else None
 
 
-def keep_wandb_run_id(wandb_cfg: Any, output_dir: str | Path, ckpt_path: str | None, write: bool = True) -> str:
+def keep_wandb_run_id(wandb_cfg: Any, output_dir: str | Path, ckpt_path: str | None, write: bool = True) -> str | None:
     """Fix ``wandb_cfg.id`` (the ``logger.wandb`` config, changed in place) and record it in
     ``<output_dir>/wandb_run_id.txt``; returns the id.
 
     The id is, first found: ``wandb_cfg.id`` when set; a W&B sweep agent's ``WANDB_RUN_ID``; on resume
     (``ckpt_path``) the id saved in this run folder or in the checkpoint's run folder
     (``<ckpt_path>/../../wandb_run_id.txt``), with ``resume: allow`` so W&B continues that run; else a
-    new one. ``write=False`` (other processes than global rank 0) records nothing.
+    new one. ``write=False`` (other processes than global rank 0) records nothing. With
+    ``WANDB_MODE=disabled`` (no W&B run at all) nothing is changed or written and None is returned.
     """
     from omegaconf import open_dict
+
+    if os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        return None
 
     output_dir = Path(output_dir)
     run_id = wandb_cfg.get("id") or os.environ.get("WANDB_RUN_ID") or None

@@ -7,10 +7,12 @@ After ``verify.py`` has published a verdict (exit 0, 1 or 3), :func:`log_verific
   ``<secret hmac-sha256:HEX>`` under the kit's salt (``<kit>/redaction_salt.hex``; ``<secret>``
   without it) -- the marker ``config.yaml`` of a training run carries;
 * logs the verdict, the exit code and the report's numbers (p-values, ASR, ...) in the run summary,
-  and the report's figures as images;
-* logs the report (``report.json``/``.md``/``.html`` + ``figures/``) as an artifact of type
-  ``verification-report``. The StealthMark report holds the decoded payload text; the copies sent
-  to W&B have every secret string of the kit replaced by ``[redacted]`` (as ``report.html`` does);
+  and the report's public figures (:data:`PUBLIC_FIGURES`) as images;
+* logs the report (``report.json``/``.md``/``.html`` + those figures) as an artifact of type
+  ``verification-report``. The StealthMark report holds the decoded payload text, and its figures
+  draw it (title, QR rendering, explanation maps): the copies sent to W&B have every secret string
+  of the kit replaced by ``[redacted]``, ``report.html`` is rendered again without the figures that
+  are not public, and those figures stay in the owner's folder only;
 * declares lineage: the training run's ``owner-kit-<id>`` artifact (named in the kit's public
   ``wandb_run.json``, written by ``callbacks/wandb_artifacts.py``) is used as the run's input
   (``run.use_artifact``). W&B's offline mode cannot declare inputs: offline, the training run's id
@@ -40,6 +42,16 @@ KIT_RUN_RECORD = "wandb_run.json"       # in the kit folder, beside secret.json
 RUN_ID_FILE = "wandb_run_id.txt"        # in the training run folder (the kit's parent)
 SALT_FILE = "redaction_salt.hex"
 VERDICTS = {0: "VERIFIED", 1: "NOT VERIFIED", 3: "EXPLORATORY"}
+
+#: Figures of each method's report that show no secret, by file name: the only ones sent to W&B.
+#: StealthMark's show the decoded payload (title and QR rendering) and the explanation maps that
+#: draw the QR code itself: none goes to W&B (they stay in the owner's report folder).
+PUBLIC_FIGURES = {
+    "stealthmark": (),
+    "xmark": ("paired_probabilities.png", "examples.png"),
+    "medlocker": (),  # its protocols write no figures
+    "miadmark": (),
+}
 
 #: Dotted fields of each method's secret.json whose values are secret (lists: every element).
 SECRET_FIELDS = {
@@ -129,19 +141,33 @@ def summary_values(report: dict, code: int) -> dict[str, Any]:
     return values
 
 
-def _report_artifact(out: Path, report: dict, secrets: list[Any], run_name: str, staging: Path):
-    """A ``verification-report`` artifact of the report files (redacted copies) and figures."""
+def public_figures(out: Path, method: str | None) -> list[Path]:
+    """The report's figures under ``<out>/figures`` that :data:`PUBLIC_FIGURES` allows for ``method``."""
+    allowed = PUBLIC_FIGURES.get(method or "", ())
+    return [out / "figures" / name for name in allowed if (out / "figures" / name).is_file()]
+
+
+def _report_artifact(out: Path, secrets: list[Any], name: str, staging: Path, figures: list[Path]):
+    """A ``verification-report`` artifact: report.json/.md with every secret string ``[redacted]``,
+    report.html rendered again from the redacted report with the public ``figures`` only, and those figures."""
     import wandb
 
-    artifact = wandb.Artifact(run_name, type=REPORT_ARTIFACT_TYPE, metadata={
+    from verification.report_html import write_html_report
+
+    report_text = redact_text((out / "report.json").read_text(encoding="utf-8"), secrets)
+    report = json.loads(report_text)
+    markdown = (out / "report.md").read_text(encoding="utf-8") if (out / "report.md").is_file() else ""
+    title = markdown.splitlines()[0].lstrip("# ").strip() if markdown.startswith("#") else "Verification report"
+    artifact = wandb.Artifact(name, type=REPORT_ARTIFACT_TYPE, metadata={
         "verified": report.get("verified"), "exploratory": report.get("exploratory"),
         "method": report.get("method"), "secret_sha256": report.get("secret_sha256")})
-    for name in REPORT_FILES:
-        if (out / name).is_file():
-            (staging / name).write_text(redact_text((out / name).read_text(encoding="utf-8"), secrets),
-                                        encoding="utf-8")
-            artifact.add_file(str(staging / name), name=name)
-    for figure in sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []:
+    (staging / "report.json").write_text(report_text, encoding="utf-8")
+    (staging / "report.md").write_text(redact_text(markdown, secrets), encoding="utf-8")
+    write_html_report(staging, report, [str(f) for f in figures], title,
+                      redact=[str(s) for s in secrets if isinstance(s, str)])
+    for file_name in REPORT_FILES:
+        artifact.add_file(str(staging / file_name), name=file_name)
+    for figure in figures:
         artifact.add_file(str(figure), name=f"figures/{figure.name}")
     return artifact
 
@@ -151,7 +177,7 @@ def _declare_lineage(run: Any, record: dict[str, Any] | None) -> None:
     if not name:
         log.info("W&B: no training run recorded in the owner kit (wandb_run.json): no lineage declared")
         return
-    if run.settings._offline:
+    if getattr(run, "offline", False):
         log.info("W&B offline mode cannot declare artifact inputs; the training run (%s, artifact %s) is in "
                  "this run's config as training_run", record.get("run_id"), name)
         return
@@ -179,7 +205,8 @@ def log_verification(cfg: DictConfig, code: int, start_run: Callable[..., Any]) 
         import wandb
 
         secret_path, out = Path(cfg.secret), Path(cfg.out)
-        secrets = kit_secret_values(json.loads(secret_path.read_text()))
+        secret_doc = json.loads(secret_path.read_text())
+        secrets = kit_secret_values(secret_doc)
         salt = read_salt(secret_path.parent)
         record = training_record(secret_path)
         config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "stage_dir"}
@@ -187,15 +214,18 @@ def log_verification(cfg: DictConfig, code: int, start_run: Callable[..., Any]) 
         report = json.loads((out / "report.json").read_text())
         settings = {k: v for k, v in OmegaConf.to_container(wandb_cfg, resolve=True).items() if k not in ("id", "resume")}
         run = start_run(**settings, job_type="verify", config=config)
+        if getattr(run, "disabled", False):  # WANDB_MODE=disabled
+            run.finish()
+            return None
         try:
             _declare_lineage(run, record)
             run.summary.update(redact_tree(summary_values(report, code), secrets, salt))
-            figures = sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []
+            figures = public_figures(out, secret_doc.get("method"))
             if figures:
                 run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
             name = f"verification-{(record or {}).get('run_id') or 'unlinked'}"
             with tempfile.TemporaryDirectory() as staging:
-                run.log_artifact(_report_artifact(out, report, secrets, name, Path(staging)), aliases=["latest"])
+                run.log_artifact(_report_artifact(out, secrets, name, Path(staging), figures), aliases=["latest"])
             return run.id
         finally:
             run.finish()
