@@ -96,10 +96,10 @@ def description(group: str, name: str, width: int = 88) -> str:
     if not path.is_file():
         return ""
     for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break  # the header comment is over
         text = line.lstrip("# ").strip()
-        if not line.startswith("#") or text.startswith(("@package", "Code:")) or not text:
-            if not line.startswith("#"):
-                break
+        if not text or text.startswith(("@package", "Code:")):
             continue
         text = text.split(". ")[0].rstrip(",.:;")
         return text if len(text) <= width else text[: width - 1] + "…"
