@@ -59,9 +59,10 @@ OWN_RELEASE = [
     "callbacks.xmark_release.seed=20260401", "callbacks.xmark_release.verification.seed=20260402",
 ]
 OWN_RELEASE_SIZE = {"default": ["data.synthetic.num_images=400", "method.warmup_steps=40",
-                                "method.generator_steps=30", "method.proxy_steps=2",
+                                "method.generator_steps=40", "method.proxy_steps=2",
+                                "method.generator_optimizer.lr=3e-3",
                                 "callbacks.xmark_release.heldout_control.seeds=[1]",
-                                "callbacks.xmark_release.heldout_control.epochs=8"],
+                                "callbacks.xmark_release.heldout_control.epochs=6"],
                     "tiny": ["data.synthetic.num_images=160", "data.batch_size=16", "method.warmup_steps=10",
                              "method.generator_steps=10", "method.proxy_steps=1", "method.mark_fraction=1.0",
                              "method.generator.base_width=8", "method.generator.depth=2",
