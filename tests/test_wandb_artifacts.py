@@ -273,3 +273,15 @@ def test_without_a_live_wandb_run_the_callback_writes_and_logs_nothing(tmp_path,
         callback.on_fit_end(trainer, None)
         callback.teardown(trainer, None, "fit")
     assert not (tmp_path / "owner" / "wandb_run.json").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_short_secret_values_are_not_matched_by_value():
+    """A seed of 1 matched by value would turn every innocent 1 of the config into the marker -- and
+    so tell where the secret's value stands; only long values are matched."""
+    from verification.wandb_report import kit_secret_values, redact_tree
+
+    doc = {"method": "stealthmark", "key": {"payload": PAYLOAD, "trigger": {"seed": 1}}}
+    assert kit_secret_values(doc) == [PAYLOAD]
+    doc["key"]["trigger"]["seed"] = TRIGGER_SEED
+    redacted = redact_tree({"num_figures": 1, "seed": TRIGGER_SEED, "note": f"x{PAYLOAD}"}, kit_secret_values(doc), None)
+    assert redacted == {"num_figures": 1, "seed": "<secret>", "note": "<secret>"}

@@ -62,15 +62,23 @@ SECRET_FIELDS = {
 }
 
 
+#: Shortest secret matched by value: a shorter one matches innocent text or numbers (``1``), and
+#: replacing those would reveal the secret by where the marker lands.
+MIN_SECRET_STRING, MIN_SECRET_DIGITS = 4, 6
+
+
 def kit_secret_values(secret_doc: dict) -> list[Any]:
-    """The secret values of a secret.json document (strings and numbers), by its ``method``."""
+    """The secret values of a secret.json document (strings of >= 4 characters, integers of >= 6
+    digits: :data:`MIN_SECRET_STRING`, :data:`MIN_SECRET_DIGITS`), by its ``method``."""
     values: list[Any] = []
     for dotted in SECRET_FIELDS.get(secret_doc.get("method"), ()):
         node: Any = secret_doc
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         for value in node if isinstance(node, list) else [node]:
-            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+            if isinstance(value, str) and len(value) >= MIN_SECRET_STRING:
+                values.append(value)
+            elif isinstance(value, int) and not isinstance(value, bool) and len(str(abs(value))) >= MIN_SECRET_DIGITS:
                 values.append(value)
     return values
 
@@ -110,10 +118,9 @@ def redact_tree(node: Any, secrets: list[Any], salt: bytes | None) -> Any:
 
 
 def redact_text(text: str, secrets: Iterable[Any]) -> str:
-    """``text`` with every secret string replaced by ``[redacted]`` (numbers of >= 6 digits too)."""
+    """``text`` with every secret (its decimal form for a number) replaced by ``[redacted]``."""
     for secret in secrets:
-        if isinstance(secret, str) or len(str(secret)) >= 6:
-            text = text.replace(str(secret), "[redacted]")
+        text = text.replace(str(secret), "[redacted]")
     return text
 
 
