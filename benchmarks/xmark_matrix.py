@@ -25,6 +25,7 @@ the JSON. Without ``--release`` it first trains a small release of its own (32 p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"error: --release {release}: missing {', '.join(missing)} (not an X-Mark run folder)", file=sys.stderr)
             return 2
-    with tempfile.TemporaryDirectory(prefix="xmark_matrix_") as tmp:
+    # training and verification print their progress: to stderr, so that stdout is the JSON alone
+    with tempfile.TemporaryDirectory(prefix="xmark_matrix_") as tmp, contextlib.redirect_stdout(sys.stderr):
         work = Path(args.work) if args.work else Path(tmp)
         releases = [Path(r) for r in args.release] or [own_release(work, args.tiny)]
         cells = [run_cell(args, release, arch, seed, scenario, work)
