@@ -19,8 +19,9 @@
      seen only through its probabilities, counting queries;
   3. MIAD-MARK only: δ by PGD, L∞ ``delta.epsilon``, confined to the mark's footprint;
   4. the stored image: :func:`watermark.medlocker.logo.render_protected` (uint8, bit-exact), then
-     the surrogate's prediction on *that* image, and on it after removal attempts
-     (median filter, JPEG, inpainting of the footprint).
+     the surrogate's (and each ``removal.judges`` classifier's) prediction on *that* image, and on
+     it after removal attempts (median filter, JPEG, inpainting of the footprint, the thief's
+     learned remover when ``removal.learned.steps > 0``).
 
   Metrics are logged as ``test/...``; the per-image records (``self.records``) are
   written to disk by :class:`callbacks.medlocker.ProtectionExport` (protected images,
@@ -76,7 +77,10 @@ class MedLockerModule(TaskModule):
             ``threshold_255`` (Grad-CAM T), ``cam_dilation_px``.
         search: ``whitebox`` or ``blackbox``.
         placement: white-box ``restarts``, ``steps``, ``position_lr`` (px/step), ``alpha_lr``, ``seed``.
-        delta: ``epsilon`` (L∞, pixel units; 0 = off), ``steps``, ``step_size`` (null = auto).
+        delta: ``epsilon`` (L∞, pixel units; 0 = off), ``steps``, ``step_size`` (null = auto), ``eot``
+            (removal-aware δ, :mod:`watermark.medlocker.removal_eot`: weights ``median``, ``blur``,
+            ``jpeg``, ``inpaint`` of the removal attacks in the PGD loss, ``blur_sigma``, ``ring_px`` --
+            δ's support grown around the mark, off the lesion region; all 0 = the plain PGD).
             Used only by ``miadmark`` with the white-box search.
         blackbox: :class:`watermark.medlocker.blackbox_search.SearchConfig` fields, plus ``suspect``
             (a model reached only through queries, instead of the surrogate: any suspect adapter
@@ -102,7 +106,10 @@ class MedLockerModule(TaskModule):
         task_terms: loss terms that train the surrogate; placement_terms: the placement's.
         surrogate_checkpoint: a trained ``method=task`` checkpoint loaded into ``self.model``.
         ensemble_checkpoints: further surrogates (any architecture) in the white-box ensemble.
-        removal: ``median_k``, ``jpeg_quality``, ``inpaint_radius`` of the removal attempts.
+        removal: ``median_k``, ``jpeg_quality``, ``inpaint_radius`` of the removal attempts; ``learned``
+            (:class:`watermark.medlocker.learned_remover.RemoverConfig`: the thief's U-Net remover, trained
+            at test start on the train split with the thief's own logos; ``steps`` 0 = off) and ``judges``
+            (classifier checkpoints never optimised against, judged on every view: transfer).
         **kwargs: :class:`TaskModule` arguments (must be ``task=classification``).
     """
 

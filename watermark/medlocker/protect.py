@@ -442,9 +442,13 @@ def perturb(images: Tensor, labels: Tensor, idx: list[int], marks: list[tuple], 
     """MIAD-MARK's δ by PGD for the images ``idx``, each marked at ``marks[j] = (x, y, alpha, scale,
     polarity)`` (alpha 0 draws nothing), δ confined to ``supports[j]`` (bool H×W).
 
+    The PGD loss is the ensemble CE, removal-aware when ``delta.eot`` has non-zero weights
+    (:func:`watermark.medlocker.removal_eot.eot_loss`: plus the CE after median / blur / JPEG /
+    inpainting of the visible mark, ``method.removal``'s settings).
+
     Returns:
         δ (len(idx)×C×H×W, ``|δ| <= delta.epsilon``) and per image ``(fooled, mean ensemble CE)``
-        of the marked image + δ on the uint8 grid.
+        of the marked image + δ on the uint8 grid (white-box, no removal).
     """
     sub = torch.tensor(idx, device=images.device)
     logos = {pol: polarise(logo, pol) for pol in POLARITIES}
