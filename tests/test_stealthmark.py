@@ -262,7 +262,7 @@ def test_consistency_term_is_zero_at_the_reference_positive_off_the_mark_and_bli
 def _with_reference(tmp_path: Path, *overrides: str) -> StealthMarkModule:
     """A module built from the config whose reference is a saved copy of its own initial network."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg = _compose(tmp_path, *overrides)
+    cfg = _compose(tmp_path, "loss.consistency.weight=1", *overrides)
     torch.manual_seed(5)
     module = _module(cfg)
     checkpoint = tmp_path / "clean.ckpt"
@@ -315,6 +315,7 @@ def test_reference_is_the_loaded_network_frozen_unsaved_and_fed_untriggered_imag
 
 
 def test_consistency_weight_zero_gives_the_loss_without_the_term_exactly(tmp_path, monkeypatch):
+    assert _compose(tmp_path).loss.consistency.weight == 0  # the default: off
     off = _with_reference(tmp_path / "off", "loss.consistency.weight=0")
     absent = _with_reference(tmp_path / "absent", "~loss.consistency")
     on = _with_reference(tmp_path / "on")
