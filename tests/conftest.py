@@ -31,6 +31,19 @@ def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "tra
         return compose(config_name=config_name, overrides=base + list(overrides))
 
 
+def synthetic_datamodule(overrides: list[str], tmp_path: Path):
+    """(resolved data config dict, its data module generated and set up) of a composed config;
+    the synthetic data is written under ``tmp_path``."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(compose_config(overrides, tmp_path).data, resolve=True)
+    datamodule = instantiate(data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    return data, datamodule
+
+
 # Tiny but real: the experiment configs, shrunk. Shared by the end-to-end tests.
 TINY_SEG = [
     "experiment=task_seg_synthetic",

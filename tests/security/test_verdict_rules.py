@@ -26,10 +26,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, synthetic_datamodule
 from verification.protocols import EXIT_EXPLORATORY, apply_threshold_overrides
 from watermark.stealthmark.kit import StealthMarkKey, build_secret, write_secret
 from watermark.xmark.stats import retest_controls, xmark_test
@@ -76,12 +74,8 @@ def _save(path: Path, net: torch.nn.Module, backbone: dict, task: str = "segment
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     base = tmp_path_factory.mktemp("verdict")
-    cfg = compose_config(["experiment=stealthmark_synthetic", "data.synthetic.num_images=80",
-                          "data.synthetic.image_size=64", "data.image_size=50"], base)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    datamodule = instantiate(data)
-    datamodule.prepare_data()
-    datamodule.setup()
+    data, datamodule = synthetic_datamodule(["experiment=stealthmark_synthetic", "data.synthetic.num_images=80",
+                                           "data.synthetic.image_size=64", "data.image_size=50"], base)
     ids = [s.id for s in datamodule.dataset("test", train_transforms=False).samples]
     key = StealthMarkKey(payload=PAYLOAD, qr_version=1, error_correction="H", image_size=50, quiet_zone=2,
                          trigger={"kind": "patch", "size": 4, "position": "top-left", "seed": 4242})
@@ -266,12 +260,8 @@ def xkit(tmp_path_factory):
     from watermark.xmark.kit import build_xmark_secret, write_xmark_secret
 
     base = tmp_path_factory.mktemp("xverdict")
-    cfg = compose_config(["experiment=xmark_synthetic", "data.synthetic.num_images=120",
-                          "data.synthetic.image_size=32", "data.image_size=32"], base)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    datamodule = instantiate(data)
-    datamodule.prepare_data()
-    datamodule.setup()
+    data, datamodule = synthetic_datamodule(["experiment=xmark_synthetic", "data.synthetic.num_images=120",
+                                           "data.synthetic.image_size=32", "data.image_size=32"], base)
     split = next(s for s in ("val", "valid", "test", "train") if datamodule.splits.get(s))
     ids = [s.id for s in datamodule.splits[split] if s.label == 0][:16]
     gen_cfg = {"in_channels": 1, "saliency_channels": 1, "base_width": 4, "depth": 2, "epsilon": 8 / 255}

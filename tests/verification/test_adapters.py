@@ -27,10 +27,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, synthetic_datamodule
 from verification.adapters import (
     CheckpointSuspect,
     HttpOptions,
@@ -108,12 +106,8 @@ def _save_checkpoint(path: Path, net: torch.nn.Module) -> Path:
 def case(tmp_path_factory):
     """Owner kit + marked checkpoint + its TorchScript and ONNX exports + verification images."""
     base = tmp_path_factory.mktemp("adapters")
-    cfg = compose_config(["experiment=stealthmark_synthetic", "data.synthetic.num_images=80",
-                          "data.synthetic.image_size=64", "data.image_size=50"], base)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    datamodule = instantiate(data)
-    datamodule.prepare_data()
-    datamodule.setup()
+    data, datamodule = synthetic_datamodule(["experiment=stealthmark_synthetic", "data.synthetic.num_images=80",
+                                           "data.synthetic.image_size=64", "data.image_size=50"], base)
     dataset = datamodule.dataset("test", train_transforms=False)
     ids = [s.id for s in dataset.samples]
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
