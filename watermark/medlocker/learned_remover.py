@@ -50,22 +50,38 @@ class RemoverConfig:
     seed: int
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> RemoverConfig:
-        """From the config dict; ``ValueError`` naming ``method.removal.learned.<field>`` on bad values."""
-        out = cls(steps=int(cfg["steps"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
-                  encoder=str(cfg["encoder"]), encoder_depth=int(cfg["encoder_depth"]),
-                  decoder_channels=tuple(int(v) for v in cfg["decoder_channels"]), num_logos=int(cfg["num_logos"]),
-                  logo_fractions=tuple(float(v) for v in cfg["logo_fractions"]),  # type: ignore[arg-type]
-                  alpha_range=tuple(float(v) for v in cfg["alpha_range"]),  # type: ignore[arg-type]
-                  delta_epsilon=float(cfg["delta_epsilon"]), seed=int(cfg["seed"]))
-        checks = {"steps": out.steps >= 0, "batch_size": out.batch_size >= 1, "lr": out.lr > 0,
+    def from_dict(cls, cfg: dict, prefix: str = "method.removal.learned") -> RemoverConfig:
+        """From the config dict; ``ValueError`` naming ``<prefix>.<field>`` (``method.removal.learned``
+        in a protection run, ``removal.learned`` in ``verify.py``) on a missing, malformed or bad value."""
+        def field(name: str, convert):
+            try:
+                return convert(cfg[name])
+            except (KeyError, TypeError, ValueError) as err:
+                what = "is missing" if isinstance(err, KeyError) else f"is malformed: {cfg.get(name)!r}"
+                raise ValueError(f"{prefix}.{name} {what}") from None
+
+        def numbers(convert):  # a list of numbers, never a string's characters
+            def parse(v):
+                if isinstance(v, str):
+                    raise TypeError("a string, not a list")
+                return tuple(convert(x) for x in v)
+            return parse
+
+        out = cls(steps=field("steps", int), batch_size=field("batch_size", int), lr=field("lr", float),
+                  encoder=field("encoder", str), encoder_depth=field("encoder_depth", int),
+                  decoder_channels=field("decoder_channels", numbers(int)), num_logos=field("num_logos", int),
+                  logo_fractions=field("logo_fractions", numbers(float)),
+                  alpha_range=field("alpha_range", numbers(float)),
+                  delta_epsilon=field("delta_epsilon", float), seed=field("seed", int))
+        checks = {"steps": out.steps >= 0, "batch_size": out.batch_size >= 1, "lr": 0 < out.lr < float("inf"),
+                  "encoder_depth": out.encoder_depth >= 1, "seed": out.seed >= 0,
                   "num_logos": out.num_logos >= 1, "delta_epsilon": out.delta_epsilon >= 0,
                   "decoder_channels": len(out.decoder_channels) == out.encoder_depth,
                   "logo_fractions": len(out.logo_fractions) == 2 and 0 < out.logo_fractions[0] <= out.logo_fractions[1] < 1,
                   "alpha_range": len(out.alpha_range) == 2 and 0 < out.alpha_range[0] <= out.alpha_range[1] <= 1}
-        for field, ok in checks.items():
+        for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"method.removal.learned.{field} is out of range: {cfg[field]!r}")
+                raise ValueError(f"{prefix}.{name} is out of range: {cfg[name]!r}")
         return out
 
 
@@ -125,8 +141,8 @@ class LearnedRemover(nn.Module):
         return (base + self.unet(x)[..., :H, :W]).clamp(0, 1)
 
 
-def train_remover(clean_batches, channels: int, image_size: int, config: RemoverConfig, inpaint_radius: int
-                  ) -> LearnedRemover:
+def train_remover(clean_batches, channels: int, image_size: int, config: RemoverConfig, inpaint_radius: int,
+                  on_step=None) -> LearnedRemover:
     """Train the thief's remover for ``config.steps`` Adam steps (L1 to the clean image).
 
     Args:
@@ -134,6 +150,7 @@ def train_remover(clean_batches, channels: int, image_size: int, config: Remover
             B×C×H×W float in [0, 1] (cycled until ``steps`` batches have been drawn).
         channels: C; image_size: the images' side (logo sizes follow it).
         inpaint_radius: the radius of the inpainting the remover corrects (``method.removal.inpaint_radius``).
+        on_step: optional ``on_step(step, loss)`` called after each step (1-based; a progress bar).
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -154,6 +171,8 @@ def train_remover(clean_batches, channels: int, image_size: int, config: Remover
                 loss.backward()
                 opt.step()
                 step += 1
+                if on_step is not None:
+                    on_step(step, float(loss.detach()))
             drawn += len(images)
             if step >= config.steps:
                 break
