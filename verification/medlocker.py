@@ -19,7 +19,8 @@ Modes (``mode=``):
   and writes nothing.
 * ``evaluate`` -- accuracy of ``suspect=`` (a classification checkpoint) on the originals
   vs the protected images, and on the protected images after removal attempts (median
-  filter, JPEG, inpainting of the footprint). Exit 0 (a measurement, not a verdict).
+  filter, JPEG, inpainting of the footprint and, with ``removal.learned.steps > 0``, a thief's
+  learned remover: :mod:`verification.medlocker_removal`). Exit 0 (a measurement, not a verdict).
 
 Key material is never printed: reports carry hashes and file names only.
 """
@@ -37,6 +38,7 @@ from omegaconf import DictConfig
 
 from verification.adapters import open_suspect, suspect_label, suspect_record
 from lightning_modules.medlocker import ClassifierLoadError, from_uint8_hwc
+from verification.medlocker_removal import VIEW as LEARNED_VIEW, learned_settings, learned_view
 from verification.report_html import certificate_check
 from verification.progress import Stages, progress
 from verification.reports import write_report
@@ -272,8 +274,9 @@ def restore_images(cfg: DictConfig, doc: dict) -> int:
     return EXIT_VERIFIED
 
 
-def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
+def evaluate_suspect(cfg: DictConfig, doc: dict, stages: Stages | None = None) -> int:
     require(cfg, "suspect", "out")
+    learned = learned_settings(cfg)  # removal.learned: checked before anything is loaded
     started = time.time()
     try:
         suspect = open_suspect(cfg.suspect, task="classification", device=resolve_device(cfg.device),
@@ -282,7 +285,8 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
         raise BadInput(str(err)) from None
     cert = load_certificate(doc["certificates"])
     logo = np.load(doc["logo"], allow_pickle=False)
-    labels = _labels(doc)
+    samples = _samples(doc)
+    labels = {s.id: s.label for s in samples}
     protected_index = _image_index(Path(cfg.get("images") or doc["protected_dir"]), "images")
     originals_index = _image_index(Path(cfg.get("originals") or doc["dataset_root"]), "originals")
     removal = dict(doc.get("removal") or {"median_k": 3, "jpeg_quality": 75, "inpaint_radius": 3})
@@ -312,6 +316,12 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
              f"median{removal['median_k']}": median_filter(prot_t, int(removal["median_k"])),
              f"jpeg{removal['jpeg_quality']}": jpeg(prot_t, int(removal["jpeg_quality"])),
              "inpaint": inpaint_footprint(prot_t, np.stack(fps), int(removal["inpaint_radius"]))}
+    removal_record = {k: removal.get(k) for k in ("median_k", "jpeg_quality", "inpaint_radius")}
+    removal_record[LEARNED_VIEW] = None  # steps 0: off
+    if learned is not None:
+        views[LEARNED_VIEW], removal_record[LEARNED_VIEW] = learned_view(
+            learned, prot_t, np.stack(fps), samples, set(ids), int(removal["inpaint_radius"]),
+            str(doc["dataset_root"]), stages)
     size = cfg.get("image_size")
     accuracy = {}
     for name, v in progress(views.items(), total=len(views), desc="suspect on views", unit="view"):
@@ -321,10 +331,15 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
         accuracy[name] = float((preds == y).float().mean())
     backbone = ((getattr(suspect, "hparams", None) or {}).get("backbone") or {}).get("name")
     report = {"mode": "evaluate", "suspect": suspect_record(suspect), "suspect_backbone": backbone,
-              "num_images": len(ids), "accuracy": accuracy, "queries": suspect.queries,
+              "num_images": len(ids), "accuracy": accuracy, "removal": removal_record, "queries": suspect.queries,
               "seconds": round(time.time() - started, 2)}
     lines = [f"Suspect `{suspect_label(report['suspect'])}` ({report['suspect_backbone']}), {len(ids)} images", "",
              "| images | accuracy |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in accuracy.items()]
+    if learned is not None:
+        r = removal_record[LEARNED_VIEW]
+        lines += ["", f"`{LEARNED_VIEW}`: the thief's U-Net remover ({r['encoder']}, {r['steps']} steps, batch "
+                  f"{r['batch_size']}, lr {r['lr']}) trained on {r['thief_images']} of the dataset's other images "
+                  f"marked with {r['num_logos']} of his own QR logos (seed {r['seed']}), final L1 {r['final_l1']}."]
     out, stage = output_dirs(cfg)  # staged: nothing partial in out= on an error
     write_report(stage, report, _markdown("Accuracy on original vs protected images", lines),
                  "MedLocker / MIAD-MARK: accuracy on original vs protected images",
@@ -334,8 +349,8 @@ def evaluate_suspect(cfg: DictConfig, doc: dict) -> int:
     return EXIT_VERIFIED
 
 
-def _labels(doc: dict) -> dict[str, int]:
-    """Image id -> label index, read with the dataset's own reader (the secret's data config)."""
+def _samples(doc: dict) -> list:
+    """The dataset's samples (id, label, image), read with its own reader (the secret's data config)."""
     from datamodules.readers import read_dataset
 
     data = doc["data"]
@@ -344,7 +359,7 @@ def _labels(doc: dict) -> dict[str, int]:
         samples = read_dataset(data["layout"], Path(doc["dataset_root"]), **kwargs)
     except Exception as err:
         raise BadInput(f"{doc['dataset_root']}: cannot read labels ({type(err).__name__}: {err})") from None
-    return {s.id: s.label for s in samples}
+    return samples
 
 
 def run(cfg: DictConfig) -> int:
@@ -353,7 +368,8 @@ def run(cfg: DictConfig) -> int:
     mode = str(cfg.mode)
     if mode not in MODES:
         raise BadInput(f"mode must be one of {MODES}, got {mode!r}")
-    stages = Stages(2)  # stage lines with timings in the log (verification/progress.py)
+    learned = mode == "evaluate" and learned_settings(cfg) is not None  # (a bad field: exit 2 here, early)
+    stages = Stages(3 if learned else 2)  # stage lines with timings in the log (verification/progress.py)
     with stages("read secret"):
         doc = read_secret(cfg.secret)
     with stages(f"mode {mode}"):
@@ -361,5 +377,5 @@ def run(cfg: DictConfig) -> int:
             return check_certificates(cfg, doc)
         if mode == "restore":
             return restore_images(cfg, doc)
-        return evaluate_suspect(cfg, doc)
+        return evaluate_suspect(cfg, doc, stages)
 
