@@ -694,7 +694,10 @@ def test_sam_tiny_trains_and_verifies_through_the_same_code_path(tmp_path, nulls
     assert "val/readout_bit_accuracy" in summary["fit"] and (run_dir / "owner" / "certificate.json").is_file()
     ckpt = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["backbone"]["variant"] == "tiny"
-    result, suspect = _verify_checkpoint(run_dir, Path(summary["best_checkpoint"]), nulls, num_lime=1)
+    # channel 2 read by the per-cell readout: LIME's own path and query count are covered by the UNet
+    # test above, and LIME over SAM at 104 px costs ~270 s of CPU for one image
+    result, suspect = _verify_checkpoint(run_dir, Path(summary["best_checkpoint"]), nulls, qr_evidence="readout")
     n_images = result["response"]["num_images"]
-    assert isinstance(result["verified"], bool) and result["queries"] == 2 * n_images + 3 * G * G == suspect.queries
+    assert isinstance(result["verified"], bool) and result["qr"]["evidence"] == "readout"
+    assert result["queries"] == 2 * n_images == suspect.queries
     assert type(suspect.model).__name__ == "SamSegmenter"
