@@ -156,7 +156,7 @@ def train_remover(clean_batches, channels: int, image_size: int, config: Remover
     rng = np.random.default_rng(config.seed)
     logos = thief_logos(config, image_size)
     model = LearnedRemover(channels, config, inpaint_radius)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = None  # made once the first batch shows the images' device (a GPU when the protection runs on one)
     model.train()
     step, pool = 0, torch.empty(0)
     while step < config.steps:
@@ -165,6 +165,9 @@ def train_remover(clean_batches, channels: int, image_size: int, config: Remover
             pool = torch.cat([pool.to(images), images]) if len(pool) else images
             while len(pool) >= config.batch_size and step < config.steps:
                 clean, pool = pool[:config.batch_size], pool[config.batch_size:]
+                if opt is None:
+                    model.to(clean.device)
+                    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
                 marked, fps = make_pairs(clean, logos, config, rng)
                 loss = F.l1_loss(model(marked, fps), clean)
                 opt.zero_grad()
