@@ -35,7 +35,9 @@ OVERRIDES: dict[str, list[tuple[str, str]]] = {
                ("out", "report folder (required)"), ("attack", "removal attack before verifying"),
                ("device", "cpu | cuda"), ("verify.num_images", "images queried"),
                ("verify.num_samples", "LIME samples per image"), ("verify.batch_size", "images per query"),
-               ("mode", "MedLocker: certificate | restore | evaluate"), ("quiet", "no progress bars (or --quiet)"),
+               ("mode", "MedLocker: certificate | restore | evaluate"),
+               ("removal.learned.steps", "MedLocker evaluate: train the thief's learned remover (0 = off)"),
+               ("quiet", "no progress bars (or --quiet)"),
                ("logger", "none | wandb (verdict, p-values, redacted report as a W&B run)")],
 }
 
