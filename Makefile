@@ -38,7 +38,7 @@ demo: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo
 
 # The same story at the budget that meets every StealthMark acceptance figure (160 marking epochs =
-# 2880 steps, 10 LIME images per suspect; about an hour on an idle 2-core CPU, docs/stealthmark.md §4).
+# 2880 steps, 10 LIME images per suspect; 60 min 50 s on an idle 2-core CPU, docs/stealthmark.md §4).
 demo-full: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo_full --mark-epochs 160 --lime-images 10
 
