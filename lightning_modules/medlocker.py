@@ -234,9 +234,9 @@ class MedLockerModule(TaskModule):
         first = next(iter(batches()))
         with torch.enable_grad(), torch.inference_mode(False):
             remover = train_remover(batches, first.shape[1], first.shape[-1], self.remover_config,
-                                    int(self.removal_cfg["inpaint_radius"]))
+                                    int(self.removal_cfg["inpaint_radius"]), device=self.device)
         log.info("learned remover trained (%d steps)", self.remover_config.steps)
-        return remover.to(self.device)
+        return remover
 
     def surrogates(self) -> Surrogates:
         """The surrogate ensemble (``self.model`` first), the placement loss terms and the black-box oracle."""

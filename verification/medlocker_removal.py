@@ -117,7 +117,7 @@ def learned_view(settings: tuple[RemoverConfig, int], protected: torch.Tensor, f
         try:
             with torch.enable_grad():
                 model = train_remover(lambda: iter(clean.split(config.batch_size)), C, min(H, W), config,
-                                      int(inpaint_radius), on_step=on_step)
+                                      int(inpaint_radius), on_step=on_step, device=clean.device)
         finally:
             bar.close()
         images = apply_remover(model, protected, torch.from_numpy(np.asarray(footprints, dtype=bool)))

@@ -142,7 +142,7 @@ class LearnedRemover(nn.Module):
 
 
 def train_remover(clean_batches, channels: int, image_size: int, config: RemoverConfig, inpaint_radius: int,
-                  on_step=None) -> LearnedRemover:
+                  on_step=None, device: torch.device | str = "cpu") -> LearnedRemover:
     """Train the thief's remover for ``config.steps`` Adam steps (L1 to the clean image).
 
     Args:
@@ -151,12 +151,13 @@ def train_remover(clean_batches, channels: int, image_size: int, config: Remover
         channels: C; image_size: the images' side (logo sizes follow it).
         inpaint_radius: the radius of the inpainting the remover corrects (``method.removal.inpaint_radius``).
         on_step: optional ``on_step(step, loss)`` called after each step (1-based; a progress bar).
+        device: where the remover is built and trained: the device of the images ``clean_batches`` gives.
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     logos = thief_logos(config, image_size)
-    model = LearnedRemover(channels, config, inpaint_radius)
-    opt = None  # made once the first batch shows the images' device (a GPU when the protection runs on one)
+    model = LearnedRemover(channels, config, inpaint_radius).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train()
     step, pool = 0, torch.empty(0)
     while step < config.steps:
@@ -165,9 +166,6 @@ def train_remover(clean_batches, channels: int, image_size: int, config: Remover
             pool = torch.cat([pool.to(images), images]) if len(pool) else images
             while len(pool) >= config.batch_size and step < config.steps:
                 clean, pool = pool[:config.batch_size], pool[config.batch_size:]
-                if opt is None:
-                    model.to(clean.device)
-                    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
                 marked, fps = make_pairs(clean, logos, config, rng)
                 loss = F.l1_loss(model(marked, fps), clean)
                 opt.zero_grad()
