@@ -190,8 +190,9 @@ class XMarkRelease(Callback):
         for seed in self.heldout_control["seeds"] if epochs > 0 else []:
             for family, backbone in self.heldout_families(pl_module).items():
                 started = time.time()
-                models.append(pl_module.train_heldout_control(datamodule.train_dataloader(), epochs, seed,
-                                                              self.heldout_control["lr"], backbone))
+                models.append(pl_module.train_heldout_control(
+                    datamodule.train_dataloader(), epochs, seed, self.heldout_control["lr"], backbone,
+                    desc=f"held-out control {len(models)} ({family}, seed {seed})"))
                 name = (backbone or {}).get("name") or getattr(models[-1], "name", None) or family
                 self.heldout_architectures.append(str(name))
                 log.info("held-out control %d: %s (%s, seed %d) trained %d epochs on the clean training split in %.0f s",

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from tqdm.auto import tqdm
 
 from datamodules.transforms import random_rescale
 from lightning_modules.base import to_plain
@@ -242,8 +243,8 @@ class XMarkModule(TaskModule):
     def warming_up(self) -> bool:
         return int(self.iterations) < self.hparams.warmup_steps
 
-    def train_heldout_control(self, loader, epochs: int, seed: int, lr: float, backbone: dict | None = None
-                              ) -> nn.Module:
+    def train_heldout_control(self, loader, epochs: int, seed: int, lr: float, backbone: dict | None = None,
+                              desc: str = "held-out control") -> nn.Module:
         """A clean classifier the generator never saw: the surrogate's (or ``backbone``'s) architecture, fresh weights.
 
         The suppression terms keep *the clean models they are trained against* blind to the
@@ -256,6 +257,8 @@ class XMarkModule(TaskModule):
             seed: initialisation and data order of this model.
             lr: Adam learning rate.
             backbone: backbone config of the model (:meth:`heldout_families`); None = the surrogate's.
+            desc: label of the progress bar (epochs x batches; drawn only on a terminal, tqdm's
+                ``disable=None``). No secret goes into it.
         Returns:
             the trained model, on the CPU, in eval mode, frozen.
         """
@@ -265,13 +268,15 @@ class XMarkModule(TaskModule):
             model = instantiate(_no_pretrained(copy.deepcopy(backbone or self.surrogate_config))).to(device)
             optimizer = torch.optim.Adam(model.parameters(), lr=float(lr))
             model.train()
-            for _ in range(int(epochs)):
-                for batch in loader:
-                    logits = model(batch["image"].to(device))
-                    loss = nn.functional.cross_entropy(logits, batch["label"].to(device).long())
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+            with tqdm(total=int(epochs) * len(loader), desc=desc, unit="batch", disable=None, leave=False) as bar:
+                for _ in range(int(epochs)):
+                    for batch in loader:
+                        logits = model(batch["image"].to(device))
+                        loss = nn.functional.cross_entropy(logits, batch["label"].to(device).long())
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        bar.update(1)
         return model.cpu().eval().requires_grad_(False)
 
     def clean_models(self) -> list[nn.Module]:
