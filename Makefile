@@ -11,6 +11,9 @@ STAMP := $(VENV)/.requirements-$(REQ_HASH)
 PKG_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
 PKG_STAMP := $(VENV)/.package-$(PKG_HASH)
 PYTEST_ARGS ?=
+# Hydra overrides for both training runs of `make demo` / `make demo-full`, e.g.
+# DEMO_OVERRIDES=trainer.precision=bf16-mixed on a CPU with bf16 units (docs/stealthmark.md §4).
+DEMO_OVERRIDES ?=
 
 .PHONY: venv demo demo-full demo-task test bench clean-venv
 
@@ -35,12 +38,13 @@ venv: $(STAMP) $(PKG_STAMP)
 # data/): train a clean UNet, watermark it, verify both, print both verdicts and the Dice of each.
 # 11 min 40 s on an idle 2-core CPU with .venv present (docs/stealthmark.md §4: what this budget reaches; make demo-full for the rest).
 demo: venv
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo $(DEMO_OVERRIDES)
 
 # The same story at the budget that meets every StealthMark acceptance figure (160 marking epochs =
-# 2880 steps, 10 LIME images per suspect; 60 min 50 s on an idle 2-core CPU, docs/stealthmark.md §4).
+# 2880 steps, 10 LIME images per suspect; 60 min 50 s on an idle 2-core CPU, 41 min 52 s with
+# DEMO_OVERRIDES=trainer.precision=bf16-mixed on one with bf16 units; docs/stealthmark.md §4).
 demo-full: venv
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo_full --mark-epochs 160 --lime-images 10
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo_full --mark-epochs 160 --lime-images 10 $(DEMO_OVERRIDES)
 
 # Plain segmentation training only (UNet on synthetic polyps, 3 CPU-minutes, docs/quickstart.md): the foundation's demo.
 demo-task: venv

@@ -7,9 +7,13 @@
 2. LIME verification time vs bare batched forward passes of the *same* perturbed images
    (goal ≤ 1.3×): one LIME explanation per image (``--lime-samples``), the batches LIME sends
    are recorded, then sent again straight to the model.
+3. With ``--compare-precision P`` (e.g. ``bf16-mixed``): ``method=stealthmark`` seconds per
+   training step at ``trainer.precision=32-true`` vs ``P``, alternating rounds as in 1. No goal:
+   it tells whether this machine's CPU or GPU gains from mixed precision (docs/stealthmark.md §4).
 
     python benchmarks/stealthmark.py                    # the stealthmark_synthetic experiment
     python benchmarks/stealthmark.py --backbone sam_tiny --steps 10
+    python benchmarks/stealthmark.py --compare-precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -56,13 +60,13 @@ def compose_cfg(method: str, args: argparse.Namespace, tmp: Path):
     return cfg
 
 
-def time_training(cfg, datamodule, steps: int, warmup: int) -> list[float]:
+def time_training(cfg, datamodule, steps: int, warmup: int, precision: str = "32-true") -> list[float]:
     """Seconds per step of ``steps`` steps after ``warmup`` untimed ones (fresh module each round)."""
     module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False)
     timer = StepTimer()
     trainer = pl.Trainer(max_steps=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], accelerator=cfg.trainer.accelerator, devices=1)
+                         callbacks=[timer], accelerator=cfg.trainer.accelerator, devices=1, precision=precision)
     trainer.fit(module, datamodule=datamodule)
     return timer.times[warmup:]
 
@@ -85,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lime-batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu", choices=["cpu", "auto"])
     parser.add_argument("--data-dir", default=os.environ.get("MEDMARK_DATA_DIR"))
+    parser.add_argument("--compare-precision", default=None, metavar="PRECISION",
+                        help="also time stealthmark training at this trainer.precision vs 32-true (e.g. bf16-mixed)")
     return parser.parse_args()
 
 
@@ -99,6 +105,21 @@ def compare_training(cfgs: dict, datamodule, args: argparse.Namespace) -> dict:
     train["goal"] = 1.10
     train["steps_timed_per_method"] = len(per_step["task"])
     return train
+
+
+def compare_precision(cfg, datamodule, args: argparse.Namespace) -> dict:
+    """3. stealthmark training seconds per step at 32-true vs ``--compare-precision``, alternating rounds (median)."""
+    precisions = ("32-true", args.compare_precision)
+    per_step: dict[str, list[float]] = {p: [] for p in precisions}
+    for _ in range(args.rounds):
+        for precision in precisions:
+            per_step[precision] += time_training(cfg, datamodule, args.steps, args.warmup, precision)
+    medians = {p: statistics.median(t) for p, t in per_step.items()}
+    return {
+        "s_per_step": medians,
+        "speedup": medians["32-true"] / medians[args.compare_precision],
+        "steps_timed_per_precision": len(per_step["32-true"]),
+    }
 
 
 def compare_lime(module, datamodule, device: torch.device, args: argparse.Namespace) -> dict:
@@ -149,6 +170,7 @@ def main() -> None:
         datamodule.prepare_data()
         datamodule.setup("fit")
         train = compare_training(cfgs, datamodule, args)
+        precision = compare_precision(cfgs["stealthmark"], datamodule, args) if args.compare_precision else None
         cfg = cfgs["stealthmark"]
         module = instantiate(cfg.method, backbone=cfg.backbone, loss=cfg.loss, _recursive_=False).eval()
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
@@ -167,6 +189,8 @@ def main() -> None:
         "train": train,
         "lime": lime,
     }
+    if precision is not None:
+        report["precision"] = precision
     print(json.dumps(report, indent=2))
 
 
