@@ -94,31 +94,37 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def median_step_times(runs: dict, datamodule, args: argparse.Namespace) -> tuple[dict[str, float], int]:
+    """Median seconds per training step of each named ``(cfg, precision)`` run, in alternating rounds.
+
+    Every round times each run once (``--steps`` after ``--warmup``), so a load change on a
+    shared machine hits all of them. Returns the medians by name and the steps timed per run.
+    """
+    per_step: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (cfg, precision) in runs.items():
+            per_step[name] += time_training(cfg, datamodule, args.steps, args.warmup, precision)
+    return {name: statistics.median(t) for name, t in per_step.items()}, min(len(t) for t in per_step.values())
+
+
 def compare_training(cfgs: dict, datamodule, args: argparse.Namespace) -> dict:
     """1. training seconds per sample of ``task`` vs ``stealthmark``, alternating rounds (median)."""
-    per_step: dict[str, list[float]] = {"task": [], "stealthmark": []}
-    for _ in range(args.rounds):
-        for method in ("task", "stealthmark"):
-            per_step[method] += time_training(cfgs[method], datamodule, args.steps, args.warmup)
-    train = {f"{m}_s_per_sample": statistics.median(t) / args.batch_size for m, t in per_step.items()}
+    medians, timed = median_step_times({m: (cfgs[m], "32-true") for m in ("task", "stealthmark")}, datamodule, args)
+    train = {f"{m}_s_per_sample": t / args.batch_size for m, t in medians.items()}
     train["ratio"] = train["stealthmark_s_per_sample"] / train["task_s_per_sample"]
     train["goal"] = 1.10
-    train["steps_timed_per_method"] = len(per_step["task"])
+    train["steps_timed_per_method"] = timed
     return train
 
 
 def compare_precision(cfg, datamodule, args: argparse.Namespace) -> dict:
     """3. stealthmark training seconds per step at 32-true vs ``--compare-precision``, alternating rounds (median)."""
-    precisions = ("32-true", args.compare_precision)
-    per_step: dict[str, list[float]] = {p: [] for p in precisions}
-    for _ in range(args.rounds):
-        for precision in precisions:
-            per_step[precision] += time_training(cfg, datamodule, args.steps, args.warmup, precision)
-    medians = {p: statistics.median(t) for p, t in per_step.items()}
+    runs = {"baseline": (cfg, "32-true"), "compared": (cfg, args.compare_precision)}
+    medians, timed = median_step_times(runs, datamodule, args)
     return {
-        "s_per_step": medians,
-        "speedup": medians["32-true"] / medians[args.compare_precision],
-        "steps_timed_per_precision": len(per_step["32-true"]),
+        "s_per_step": {"32-true": medians["baseline"], args.compare_precision: medians["compared"]},
+        "speedup": medians["baseline"] / medians["compared"],
+        "steps_timed_per_precision": timed,
     }
 
 
