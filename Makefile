@@ -12,7 +12,8 @@ PKG_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pypr
 PKG_STAMP := $(VENV)/.package-$(PKG_HASH)
 PYTEST_ARGS ?=
 # Hydra overrides for both training runs of `make demo` / `make demo-full`, e.g.
-# DEMO_OVERRIDES=trainer.precision=bf16-mixed on a CPU with bf16 units (docs/stealthmark.md §4).
+# DEMO_OVERRIDES=trainer.precision=bf16-mixed on a CPU with bf16 units (AVX512-BF16/AMX; without them bf16 is
+# emulated and 14.7x slower: train.py warns; docs/stealthmark.md §4).
 DEMO_OVERRIDES ?=
 
 .PHONY: venv demo demo-full demo-task test bench clean-venv

@@ -37,6 +37,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 import utils.resolvers  # noqa: E402,F401
 from benchmarks._timing import StepTimer  # noqa: E402
+from utils.hardware import cpu_bf16_is_native, cpu_capability  # noqa: E402
 from watermark.stealthmark import explain  # noqa: E402
 from watermark.stealthmark.evidence import quiet_lime  # noqa: E402
 
@@ -192,6 +193,8 @@ def main() -> None:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_load_1min": os.getloadavg()[0],
+        "cpu_capability": cpu_capability(),   # AVX2 / AVX512 ...: bf16 is emulated without AVX-512 or AMX
+        "cpu_bf16_native": cpu_bf16_is_native(),
         "train": train,
         "lime": lime,
     }

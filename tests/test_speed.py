@@ -112,6 +112,43 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     assert all(p.dtype == torch.float32 for p in module.parameters())  # mixed: fp32 master weights
 
 
+@pytest.mark.parametrize("precision, device, native, warned", [
+    ("bf16-mixed", "cpu", False, True),
+    ("bf16-true", "cpu", False, True),
+    ("bf16-mixed", "cpu", True, False),    # AVX-512 / AMX: oneDNN runs bf16 natively
+    ("bf16-mixed", "cuda", False, False),  # the CPU's bf16 units do not matter on a GPU
+    ("32-true", "cpu", False, False),
+    ("16-mixed", "cpu", False, False),
+])
+def test_emulated_bf16_warning_only_for_bf16_on_a_cpu_without_it(precision, device, native, warned):
+    from utils.hardware import emulated_bf16_warning
+
+    message = emulated_bf16_warning(precision, device, native)
+    assert (message is not None) is warned
+    if warned:
+        assert f"trainer.precision={precision}" in message and "32-true" in message
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_training_warns_before_anything_is_written_when_bf16_would_be_emulated(tmp_path, monkeypatch, caplog, native):
+    import utils.run as run_module
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the first step after the trainer is built: nothing trained, nothing written
+        raise Stop
+
+    monkeypatch.setattr(run_module, "cpu_bf16_is_native", lambda: native)
+    monkeypatch.setattr(run_module, "refuse_existing_kit", stop)
+    cfg = compose_config(TINY_SEG + ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"], tmp_path)
+    with caplog.at_level("WARNING", logger="medmark"), pytest.raises(Stop):
+        run_module.run_training(cfg)
+    warnings = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(warnings) == (0 if native else 1)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("workers", [2, 0])
 def test_dataloader_options_reach_the_dataloader(tmp_path, workers):
     cfg = compose_config(TINY_SEG + [f"data.num_workers={workers}", "data.pin_memory=true",

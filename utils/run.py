@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from utils.hardware import cpu_bf16_is_native, emulated_bf16_warning
 from utils.loggers import CURVES_FILE, keep_wandb_run_id, metrics_csv_of, plot_curves, with_csv_logger
 
 log = logging.getLogger("medmark")
@@ -443,6 +444,9 @@ def run_training(cfg: DictConfig) -> float | None:
         keep_wandb_run_id(wandb_cfg, output_dir, cfg.get("ckpt_path"), write=rank_zero_only.rank == 0)
     loggers = with_csv_logger(instantiate_list(cfg.get("logger")), output_dir)  # CSV always: figures/curves.png
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    slow_precision = emulated_bf16_warning(trainer.precision, trainer.strategy.root_device.type, cpu_bf16_is_native())
+    if slow_precision and trainer.is_global_zero:
+        log.warning(slow_precision)
 
     salt = None
     if trainer.is_global_zero:
