@@ -37,7 +37,7 @@ venv: $(STAMP) $(PKG_STAMP)
 
 # The main job: the StealthMark story on built-in synthetic polyps (generated on first use under
 # data/): train a clean UNet, watermark it, verify both, print both verdicts and the Dice of each.
-# 11 min 40 s on an idle 2-core CPU with .venv present (docs/stealthmark.md §4: what this budget reaches; make demo-full for the rest).
+# 11 min 40 s on an idle 2-core CPU with .venv present (24 min 35 s on a slower AVX2-only one) (docs/stealthmark.md §4: what this budget reaches; make demo-full for the rest).
 demo: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m utils.demo_stealthmark --out logs/demo $(DEMO_OVERRIDES)
 

@@ -1,4 +1,4 @@
-"""Readers: one function per on-disk dataset layout (see ../shared/DATASETS.md).
+"""Readers: one function per on-disk dataset layout (docs/data.md).
 
 A reader has the signature ``reader(root: Path, **options) -> list[Sample]`` and is
 registered by name with :func:`register_reader`; the data module config selects it with

@@ -1,4 +1,4 @@
-"""Readers for the classification datasets' on-disk layouts (see shared/DATASETS.md).
+"""Readers for the classification datasets' on-disk layouts (docs/data.md).
 
 Every reader has the signature ``reader(root, classes=None, **options) -> list[Sample]``:
 

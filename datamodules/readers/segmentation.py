@@ -1,4 +1,4 @@
-"""Readers for the segmentation datasets' on-disk layouts (see shared/DATASETS.md).
+"""Readers for the segmentation datasets' on-disk layouts (docs/data.md).
 
 Every reader has the signature ``reader(root, **options) -> list[Sample]`` and is
 registered under the layout name used by ``data.layout``:

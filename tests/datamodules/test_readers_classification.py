@@ -1,4 +1,4 @@
-"""Classification readers on tiny copies of the real on-disk layouts (shared/DATASETS.md).
+"""Classification readers on tiny copies of the real on-disk layouts (docs/data.md).
 
 Each fixture writes a handful of 32×32 images plus the CSVs exactly as the downloads
 name and format them, including their awkward details (stray header spaces, blank and

@@ -1,4 +1,4 @@
-"""Segmentation readers on tiny copies of the real on-disk layouts (shared/DATASETS.md).
+"""Segmentation readers on tiny copies of the real on-disk layouts (docs/data.md).
 
 Each fixture writes a handful of small, non-square images (so a swapped H/W shows) in
 the exact folder, file-name, CSV and mask conventions of the download: JPEG masks for
