@@ -50,7 +50,8 @@ class WatermarkCheck(Callback):
         response_margin: τ of the paired trigger-response test.
         lime_images: also explain this many images with LIME (0 = readout only: LIME costs
             ``lime_samples`` model queries per image).
-        lime_samples, lime_batch_size: LIME samples per image (≥ 3·G²) and query batch size.
+        lime_samples, lime_batch_size: LIME samples per image (≥ 3·G² joint, ≥ 100
+            per-cell) and query batch size.
         lime_target, lime_surrogate: what LIME explains and with which local model, as
             ``verify.lime_target`` / ``verify.lime_surrogate``.
 

@@ -372,6 +372,22 @@ def test_per_cell_surrogate_reads_each_cell_where_the_joint_fit_drowns_in_other_
         explain.lime_cell_weights(noisy, clean_image, **args, surrogate="ridge")
 
 
+def test_sample_floor_depends_on_the_surrogate_and_holds_exactly_at_it(owner_grid, clean_image):
+    marked = _toy_marked_model(owner_grid)
+    args = dict(spec=SPEC, trigger=TRIGGER, batch_size=441, hide_value=0.0, seed=0)
+    assert explain.min_lime_samples(SPEC, "joint") == 3 * 21**2 == 1323
+    assert explain.min_lime_samples(SPEC, "per_cell") == explain.PER_CELL_MIN_SAMPLES == 100
+    # per-cell: the floor itself is accepted and already reads the mark exactly (one slope per cell)
+    grid = explain.weights_to_grid(explain.lime_cell_weights(marked, clean_image, **args, num_samples=100,
+                                                             surrogate="per_cell"))
+    assert qr.bit_accuracy(grid, owner_grid) == 1.0 and qr.decode_with_repair(grid, 1, "H") == PAYLOAD
+    with pytest.raises(ValueError, match="per_cell surrogate needs at least 100 samples, got 99"):
+        explain.lime_cell_weights(marked, clean_image, **args, num_samples=99, surrogate="per_cell")
+    # joint: a ridge over G² unknowns keeps 3·G²; 1322 is refused, whatever per-cell would accept
+    with pytest.raises(ValueError, match=r"joint surrogate needs at least 3·G² = 1323 .* got 1322"):
+        explain.lime_cell_weights(marked, clean_image, **args, num_samples=1322, surrogate="joint")
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

@@ -210,7 +210,7 @@ def verify_stealthmark(
         masks: optional ``N×1×H×W`` ground truth, for Dice on clean/triggered inputs.
         num_lime_images: images explained with LIME (the first ones); 0 with ``qr_evidence="lime"``
             is an error.
-        num_samples: LIME perturbations per image (≥ 3·G²).
+        num_samples: LIME perturbations per image (≥ 3·G² for the joint surrogate, ≥ 100 per-cell).
         batch_size: images per suspect query during LIME.
         lime_seed: LIME's sampling seed for image i is ``lime_seed + i``.
         qr_evidence: ``"lime"`` (channel 2 by LIME, docs/stealthmark.md) or ``"readout"`` (the per-cell readout as

@@ -63,7 +63,8 @@ def lime_cell_weights(
             trigger is always present: for patch/text/border triggers this restores exactly the
             trigger pixels of the triggered original (they live in quiet-zone cells, which LIME
             also hides); noise/warp triggers act on the perturbed image as they did in training.
-        num_samples: LIME perturbations (must be ≥ 3·G², more samples than cells).
+        num_samples: LIME perturbations (at least :func:`min_lime_samples`: 3·G² for ``joint``,
+            more samples than cells; 100 for ``per_cell``).
         batch_size: images per model query.
         hide_value: fill of hidden cells: a float, per-channel floats, or ``"mean"`` (the image's
             per-channel mean; the same as ``apply_cell_mask``). Never LIME's per-segment mean,
@@ -101,6 +102,18 @@ def lime_cell_weights(
                           lambda batch: explained(batch, per_cell=False), num_samples, batch_size, seed)
 
 
+# The per-cell fit estimates one slope per cell from that cell's own kept/hidden samples (about half
+# each): a floor against a meaningless fit, not a recommendation. On the demo's marked model 150 and
+# 400 samples gave the same per-image bit accuracies as 1500 (docs/stealthmark.md section 4).
+PER_CELL_MIN_SAMPLES = 100
+
+
+def min_lime_samples(spec: GridSpec, surrogate: str) -> int:
+    """Fewest LIME samples per image: ``3·G²`` for the joint ridge over all G² cells (more samples
+    than unknowns), :data:`PER_CELL_MIN_SAMPLES` for the per-cell fit (one unknown per fit)."""
+    return 3 * spec.grid_size**2 if surrogate == "joint" else PER_CELL_MIN_SAMPLES
+
+
 def _checked_image(image: np.ndarray, spec: GridSpec, num_samples: int, target: str, surrogate: str,
                    trigger) -> np.ndarray:
     """``image`` as ``H×W×C`` float32, after checking it and LIME's settings (ValueError naming the bad one)."""
@@ -109,15 +122,14 @@ def _checked_image(image: np.ndarray, spec: GridSpec, num_samples: int, target: 
         image = image[..., None]
     if image.ndim != 3 or image.shape[:2] != (spec.image_size, spec.image_size):
         raise ValueError(f"image must be {spec.image_size}×{spec.image_size}×C, got {image.shape}")
-    if num_samples < 3 * spec.grid_size**2:
-        raise ValueError(
-            f"LIME needs at least 3·G² = {3 * spec.grid_size**2} samples for a "
-            f"{spec.grid_size}² grid, got {num_samples}"
-        )
     if target not in LIME_TARGETS:
         raise ValueError(f"target must be one of {LIME_TARGETS}, got {target!r}")
     if surrogate not in LIME_SURROGATES:
         raise ValueError(f"surrogate must be one of {LIME_SURROGATES}, got {surrogate!r}")
+    floor = min_lime_samples(spec, surrogate)
+    if num_samples < floor:
+        rule = f"3·G² = {floor} for a {spec.grid_size}² grid" if surrogate == "joint" else str(floor)
+        raise ValueError(f"LIME with the {surrogate} surrogate needs at least {rule} samples, got {num_samples}")
     if target == "contrast" and trigger is None:
         raise ValueError("target='contrast' explains the trigger's effect and needs the trigger")
     return image
