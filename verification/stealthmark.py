@@ -29,6 +29,7 @@ from verification.protocols import (BadInput, apply_threshold_overrides, data_co
                                     staged_path)
 from watermark.stealthmark.kit import read_secret, secret_sha256
 from watermark.stealthmark.evidence import CountingPredictor, null_grids, verify_stealthmark
+from watermark.stealthmark.explain import LIME_SURROGATES, min_lime_samples
 
 
 def verification_images(
@@ -127,6 +128,20 @@ def expected_queries(cfg: DictConfig, num_images: int) -> int:
     return total
 
 
+def check_lime_settings(cfg: DictConfig, key) -> None:
+    """BadInput naming the ``verify.*`` key when LIME's settings cannot give evidence for ``key``'s QR grid;
+    checked before the suspect is loaded or queried."""
+    if cfg.verify.qr_evidence != "lime":
+        return
+    surrogate = str(cfg.verify.lime_surrogate)
+    if surrogate not in LIME_SURROGATES:
+        raise BadInput(f"verify.lime_surrogate must be one of {LIME_SURROGATES}, got {surrogate!r}")
+    floor = min_lime_samples(key.spec(), surrogate)
+    if int(cfg.verify.num_samples) < floor:
+        raise BadInput(f"verify.num_samples must be at least {floor} with verify.lime_surrogate={surrogate} "
+                       f"(QR grid {key.grid_size}×{key.grid_size}), got {cfg.verify.num_samples}")
+
+
 def run(cfg: DictConfig) -> int:
     """StealthMark verification of ``cfg.suspect`` against ``cfg.secret``; returns the exit code."""
     require(cfg, "suspect", "out")
@@ -144,6 +159,7 @@ def run(cfg: DictConfig) -> int:
         raise BadInput(f"verify.response_margin must be >= 0, got {thresholds['response_margin']}")
     if float(thresholds["min_decoded"]) < 0 or not float(thresholds["min_decoded"]).is_integer():
         raise BadInput(f"verify.min_decoded must be an integer >= 0, got {thresholds['min_decoded']}")
+    check_lime_settings(cfg, key)
     stages = Stages(5)  # stage lines with timings in the log (verification/progress.py)
     with stages("load suspect") as step:
         datamodule = instantiate(data_config(doc["verification"]["data"], cfg.data, cfg.secret))

@@ -117,3 +117,34 @@ def test_bad_input_exits_2_naming_the_file_and_field(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "verify.py"), f"suspect={best}", f"out={tmp_path / 'r5'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "secret" in proc.stderr
+
+    # LIME settings are checked before the suspect is loaded: the key is named, nothing is written
+    proc = verify(base, secret, best, tmp_path / "r6", "verify.num_samples=99")  # per-cell floor: 100
+    assert proc.returncode == 2 and "verify.num_samples must be at least 100" in proc.stderr
+    assert not (tmp_path / "r6" / "report.json").exists() and "load suspect" not in proc.stdout + proc.stderr
+
+
+def test_lime_settings_are_refused_below_the_floor_of_their_surrogate(runs):
+    from omegaconf import OmegaConf
+
+    from verification.protocols import BadInput
+    from verification.stealthmark import check_lime_settings
+    from watermark.stealthmark.kit import read_secret
+
+    _, marked_dir, _ = runs
+    _, key = read_secret(marked_dir / "owner" / "secret.json")
+
+    def check(**verify_settings):
+        settings = {"qr_evidence": "lime", "lime_surrogate": "per_cell", "num_samples": 1500, **verify_settings}
+        check_lime_settings(OmegaConf.create({"verify": settings}), key)
+
+    check(num_samples=100)  # the per-cell floor itself is accepted
+    with pytest.raises(BadInput, match="verify.num_samples must be at least 100 with verify.lime_surrogate=per_cell"):
+        check(num_samples=99)
+    floor = 3 * key.grid_size**2  # joint ridge: more samples than the G² unknowns
+    check(lime_surrogate="joint", num_samples=floor)
+    with pytest.raises(BadInput, match=f"at least {floor} with verify.lime_surrogate=joint .* got {floor - 1}"):
+        check(lime_surrogate="joint", num_samples=floor - 1)
+    with pytest.raises(BadInput, match="verify.lime_surrogate must be one of"):
+        check(lime_surrogate="ridge")
+    check(qr_evidence="readout", num_samples=1)  # the per-cell readout runs no LIME
