@@ -19,6 +19,19 @@ CONFIGS = ROOT / "configs"
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def worker_threads(workers: int, cpus: int) -> int:
+    """torch threads for each of ``workers`` pytest-xdist workers on ``cpus`` CPUs: an equal share, at least 1.
+    Every worker at torch's default (one thread per CPU) would run workers × CPUs threads on the CPUs."""
+    return max(1, cpus // max(1, workers))
+
+
+# Set before torch starts its thread pool in this worker; train.py / verify.py subprocesses inherit it.
+# A value the user exported wins.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]),
+                                                                 len(os.sched_getaffinity(0)))))
+
+
 def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "train"):
     """Compose a real config; paths point into ``tmp_path`` (no Hydra run dir needed)."""
     base = [

@@ -38,7 +38,7 @@ def test_pyproject_declares_build_backend_script_and_the_pinned_dependencies():
     assert project["project"]["scripts"] == {"medmark": "medmark.cli:main"}
     pins = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
-    test_pins = [p for p in pins if p.split("==")[0] in ("pytest", "hypothesis")]
+    test_pins = [p for p in pins if p.split("==")[0] in ("pytest", "pytest-xdist", "hypothesis")]
     assert sorted(project["project"]["optional-dependencies"]["test"]) == sorted(test_pins)
     # requirements.txt is the lock; the package's runtime dependencies are the same pins
     assert sorted(project["project"]["dependencies"]) == sorted(set(pins) - set(test_pins))

@@ -196,3 +196,13 @@ def test_throughput_benchmark_prints_one_json_object(tmp_path):  # ~15 s on 2 co
     assert unet["stealthmark"]["image_size"] == 50
     assert "skipped" in unet["xmark"]  # a segmentation backbone: X-Mark needs a classifier
     assert "error" in report["results"]["no_such_backbone"]  # recorded, the run went on
+
+
+@pytest.mark.parametrize(("workers", "cpus", "threads"), [(2, 2, 1), (1, 2, 2), (0, 2, 2), (4, 2, 1), (3, 16, 5),
+                                                           (2, 3, 1), (16, 16, 1)])
+def test_each_test_worker_gets_an_equal_share_of_the_cpus(workers, cpus, threads):
+    # make test runs one pytest-xdist worker per CPU; torch's default of one thread per CPU in each
+    # would oversubscribe the cores (conftest sets OMP_NUM_THREADS to this share before torch starts)
+    from conftest import worker_threads
+
+    assert worker_threads(workers, cpus) == threads
