@@ -62,12 +62,16 @@ test: venv
 
 # benchmarks that need a protection / training run's files (secret=, suspect=): listed, not run
 BENCH_NEEDS_ARGS := false_positives robustness
+# benchmarks too long for make bench: listed, not run (suite_workers runs the whole test suite twice, ≈ 45 min)
+BENCH_LONG := suite_workers
 
 bench: venv
-	@for b in benchmarks/[!_]*.py; do n=$$(basename $$b .py); case " $(BENCH_NEEDS_ARGS) " in *" $$n "*) continue;; esac; \
+	@for b in benchmarks/[!_]*.py; do n=$$(basename $$b .py); case " $(BENCH_NEEDS_ARGS) $(BENCH_LONG) " in *" $$n "*) continue;; esac; \
 		echo "== $$b"; $(PY) $$b || exit 1; done
 	@echo "== not run, they need arguments (see each file's docstring):"; \
 		for n in $(BENCH_NEEDS_ARGS); do echo "   $(PY) benchmarks/$$n.py secret=... [suspect=...]"; done
+	@echo "== not run, too long (see each file's docstring):"; \
+		for n in $(BENCH_LONG); do echo "   $(PY) benchmarks/$$n.py [pytest arguments]"; done
 
 clean-venv:
 	rm -rf $(VENV)
