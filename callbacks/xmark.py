@@ -46,11 +46,12 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: E402
 
+from datamodules.dicom import check_grey_writable, is_dicom_path, read_dicom, write_grey_dicom  # noqa: E402
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
 from callbacks.figures import save_and_log_figure  # noqa: E402
 from models.safe_reader import ModelFileError, load_model_checkpoint  # noqa: E402
 from watermark.imageio import quantise  # noqa: E402
-from watermark.xmark.marker import mark_native, marker_sha256, query_pairs  # noqa: E402
+from watermark.xmark.marker import mark_native, mark_native_unit, marker_sha256, query_pairs  # noqa: E402
 from watermark import certificates  # noqa: E402
 from watermark.xmark.kit import (  # noqa: E402
     build_xmark_certificate,
@@ -104,8 +105,9 @@ class XMarkPanels(Callback):
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two images with values in [0, 1] (inf when equal)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
 class XMarkRelease(Callback):
@@ -241,41 +243,61 @@ class XMarkRelease(Callback):
         return [sid for sid, _ in chosen], images
 
     def write_release(self, source: Path, samples: list, marker, channels: int) -> dict[str, Any]:
-        """Copy ``source`` to the release folder and overwrite ``samples`` with marked PNGs; quality stats."""
+        """Copy ``source`` to the release folder and overwrite ``samples`` with their marked version; quality stats.
+
+        An 8-bit image file is replaced by a marked PNG (same name); a DICOM file by a marked DICOM file
+        with every element kept but the pixels (and a new SOP Instance UID): δ is applied to the
+        readings the data module gets from it and stored at the file's own bit depth
+        (:func:`datamodules.dicom.write_grey_dicom`). PSNR, SSIM and L∞ compare those readings in [0, 1]."""
         if self.release_dir.resolve() == source.resolve():
             raise ValueError("callbacks.xmark_release.release_dir must differ from the source dataset folder")
         if self.release_dir.exists():
             shutil.rmtree(self.release_dir)
         shutil.copytree(source, self.release_dir, ignore=shutil.ignore_patterns(MARKER_NAME))
-        psnr, ssim, linf = [], [], 0
+        psnr, ssim, linf = [], [], 0.0
         for sample in samples:
             path = Path(sample.image.path)
             try:
                 relative = path.resolve().relative_to(source.resolve())
             except ValueError:
                 raise ValueError(f"{path}: image is outside the dataset folder {source}; cannot release it") from None
-            with Image.open(path) as image:
-                pixels = np.asarray(image if image.mode in ("L", "RGB") else
-                                    image.convert("L" if channels == 1 else "RGB"))
-            marked = mark_native(marker, pixels, channels)
             target = self.release_dir / relative
-            Image.fromarray(marked).save(target, format="PNG", optimize=False)
-            stored = np.asarray(Image.open(target))  # read back: the numbers are about the file
-            linf = max(linf, int(np.abs(stored.astype(np.int16) - pixels.astype(np.int16)).max()))
-            psnr.append(_psnr(stored, pixels))
-            a = torch.from_numpy(stored).float()[None, None] / 255
-            b = torch.from_numpy(pixels).float()[None, None] / 255
+            if is_dicom_path(path):
+                check_grey_writable(path)  # checked at fit start; the file may have changed since
+                wanted = mark_native_unit(marker, read_dicom(path).astype(np.float64), channels)
+                before, after = write_grey_dicom(path, target, wanted, marker.epsilon)
+            else:
+                with Image.open(path) as image:
+                    pixels = np.asarray(image if image.mode in ("L", "RGB") else
+                                        image.convert("L" if channels == 1 else "RGB"))
+                Image.fromarray(mark_native(marker, pixels, channels)).save(target, format="PNG", optimize=False)
+                stored = np.asarray(Image.open(target))  # read back: the numbers are about the file
+                before, after = pixels / 255.0, stored / 255.0
+            linf = max(linf, float(np.abs(after - before).max()))
+            psnr.append(_psnr(after, before))
+            a = torch.from_numpy(after).float()[None, None]
+            b = torch.from_numpy(before).float()[None, None]
             if a.ndim == 5:
                 a, b = a[0].permute(0, 3, 1, 2), b[0].permute(0, 3, 1, 2)
             ssim.append(float(structural_similarity_index_measure(a, b, data_range=1.0)))
         finite = [p for p in psnr if np.isfinite(p)]
         return {"num_marked": len(samples), "psnr_mean": float(np.mean(finite)) if finite else None,
                 "psnr_min": float(np.min(finite)) if finite else None,
-                "ssim_mean": float(np.mean(ssim)) if ssim else None, "linf_255": linf,
-                "linf": linf / 255.0, "epsilon": marker.epsilon,
-                "linf_within_epsilon": bool(linf / 255.0 <= marker.epsilon)}
+                "ssim_mean": float(np.mean(ssim)) if ssim else None, "linf_255": round(linf * 255.0, 4),
+                "linf": linf, "epsilon": marker.epsilon,
+                "linf_within_epsilon": bool(linf <= marker.epsilon + 1e-9)}
 
-    # -- the hook ---------------------------------------------------------------------------
+    # -- the hooks --------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Before any training: refuse a DICOM image the release would have to mark but could not write
+        (colour, not 8/16-bit; DatasetError naming the file and field, train.py exit 2)."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not getattr(datamodule, "splits", None) or not hasattr(pl_module, "target_class"):
+            return  # on_fit_end names what is missing
+        for sample in self.choose_marked(datamodule, int(pl_module.target_class)):
+            if is_dicom_path(sample.image.path):
+                check_grey_writable(sample.image.path)
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return

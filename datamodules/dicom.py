@@ -210,3 +210,109 @@ def read_dicom(path: str | Path) -> np.ndarray:
     if not np.isfinite(unit).all():
         raise BadSampleError(path, "field PixelData gives non-finite values after the rescale/VOI transforms")
     return np.ascontiguousarray(np.clip(unit, 0.0, 1.0), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Writing back: a grey DICOM file whose pixels read as given values (X-Mark's release)
+# --------------------------------------------------------------------------------------
+_WRITABLE_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+
+def check_grey_writable(path: str | Path) -> None:
+    """Refuse (``BadSampleError`` naming the file and field), from the header alone, a DICOM file
+    :func:`write_grey_dicom` cannot write marked pixels into: anything :func:`read_dicom` refuses,
+    colour (``SamplesPerPixel`` 3 or ``PALETTE COLOR``), or a ``BitsAllocated`` other than 8/16."""
+    path = Path(path)
+    ds = _read_dataset(path, header_only=True)
+    _check_header(path, ds)
+    photometric = str(ds.PhotometricInterpretation).upper()
+    if int(ds.SamplesPerPixel) != 1 or photometric not in _WRITABLE_PHOTOMETRIC:
+        raise BadSampleError(path, f"field PhotometricInterpretation is {photometric}: marked pixels are written "
+                             f"back into grey DICOM only ({' / '.join(_WRITABLE_PHOTOMETRIC)})")
+    if int(ds.BitsAllocated) not in (8, 16):
+        raise BadSampleError(path, f"field BitsAllocated is {ds.BitsAllocated}; marked pixels are written back "
+                             "into 8- or 16-bit DICOM only")
+
+
+def grey_unit_table(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
+    """``(stored, unit)``: every value ``BitsStored`` can hold (ascending, int64) and what
+    :func:`read_dicom` turns it into (float64 in [0, 1]: modality, VOI, ``MONOCHROME1`` inversion)."""
+    low, high = _stored_range(ds)
+    stored = np.arange(int(low), int(high) + 1, dtype=np.int64)
+    unit = _grey_to_unit(path, ds, stored)
+    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
+        unit = 1.0 - unit
+    return stored, np.clip(unit, 0.0, 1.0)
+
+
+def nearest_stored(stored: np.ndarray, table: tuple[np.ndarray, np.ndarray], target: np.ndarray,
+                   max_change: float) -> np.ndarray:
+    """Per pixel, the stored value whose reading is closest to ``target``, among those whose reading
+    differs from the current one (``stored``'s) by at most ``max_change``; the current value on a tie.
+
+    Args:
+        stored: H×W integer pixels as stored.
+        table: :func:`grey_unit_table` of the file.
+        target: H×W float readings in [0, 1] to approach.
+        max_change: the largest change of a reading allowed (X-Mark: ε), in [0, 1] units.
+
+    The readings need not grow with the stored value (``MONOCHROME1``, a negative ``RescaleSlope``):
+    the search runs over the file's readings sorted, not over the stored values.
+    """
+    values, unit = table
+    order = np.argsort(unit, kind="stable")
+    sorted_unit, sorted_values = unit[order], values[order]
+    current = unit[stored.astype(np.int64) - values[0]]
+    # the closest allowed reading to a target is the closest to the target clamped to the allowed band; with the
+    # clamp, one of the two readings that bracket the target lies between it and the current one: always allowed
+    target = np.clip(target, current - max_change, current + max_change)
+    right = np.clip(np.searchsorted(sorted_unit, target), 1, len(sorted_unit) - 1)
+    candidates = [(stored.astype(np.int64), current)]  # first: kept on a tie
+    for index in (right - 1, right):
+        candidates.append((sorted_values[index], sorted_unit[index]))
+    best_value, best_error = candidates[0][0], np.abs(current - target)
+    for value, reading in candidates[1:]:
+        error = np.abs(reading - target)
+        better = (error < best_error) & (np.abs(reading - current) <= max_change + 1e-12)
+        best_value, best_error = np.where(better, value, best_value), np.where(better, error, best_error)
+    return best_value
+
+
+def write_grey_dicom(source: str | Path, target_path: str | Path, target: np.ndarray,
+                     max_change: float) -> tuple[np.ndarray, np.ndarray]:
+    """Write a copy of the grey DICOM file ``source`` whose pixels read (through :func:`read_dicom`)
+    as close to ``target`` as the stored bits allow, no reading changing by more than ``max_change``.
+
+    Only the pixel values change: every other element is kept, except that a compressed file is
+    written uncompressed (Explicit VR Little Endian) and the SOP Instance UID becomes a new one derived
+    from the old (new pixels are a new instance; the same source gives the same UID every time).
+
+    Args:
+        target: H×W float readings in [0, 1] (e.g. :func:`watermark.xmark.marker.mark_native_unit`).
+        max_change: the largest change of any pixel's reading, in [0, 1] units.
+
+    Returns ``(before, after)``: H×W float64 readings of the source and of the written file.
+    Raises ``BadSampleError`` (file and field named) for what :func:`check_grey_writable` refuses.
+    """
+    from pydicom.uid import generate_uid
+
+    source, target_path = Path(source), Path(target_path)
+    check_grey_writable(source)
+    ds = _read_dataset(source, header_only=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stored = ds.pixel_array
+    if target.shape != stored.shape:
+        raise ValueError(f"{source}: target is {target.shape}, the image is {stored.shape}")
+    table = grey_unit_table(source, ds)
+    marked = nearest_stored(stored, table, np.asarray(target, dtype=np.float64), max_change).astype(stored.dtype)
+    ds.set_pixel_data(marked, photometric_interpretation=str(ds.PhotometricInterpretation),
+                      bits_stored=int(ds.BitsStored), generate_instance_uid=False)
+    new_uid = generate_uid(entropy_srcs=[str(ds.get("SOPInstanceUID", source.name)), "medmark marked pixels"])
+    ds.SOPInstanceUID = new_uid
+    if getattr(ds, "file_meta", None) is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = new_uid
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target_path, enforce_file_format=True)
+    values, unit = table
+    return unit[stored.astype(np.int64) - values[0]], unit[marked.astype(np.int64) - values[0]]

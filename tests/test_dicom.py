@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from datamodules import DatasetError, MedicalImageDataModule
-from datamodules.dicom import dicom_size, read_dicom
+from datamodules.dicom import check_grey_writable, dicom_size, nearest_stored, read_dicom, write_grey_dicom
 from datamodules.samples import BadSampleError, ImageFile
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -305,3 +305,176 @@ def test_dicom_seg_folder_trains_a_watermark_and_verifies_like_png(tmp_path):
     proc = verify(tmp_path / "report_bad")
     assert proc.returncode == 2 and f"{ids[0]}.dcm" in proc.stderr + proc.stdout, proc.stderr[-2000:]
     assert not (tmp_path / "report_bad" / "report.json").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Writing marked pixels back into DICOM (the X-Mark release of a DICOM dataset)
+# --------------------------------------------------------------------------------------
+def _elements_but_pixels(path: Path) -> dict:
+    skip = {"PixelData", "SOPInstanceUID"}
+    return {e.keyword: e.value for e in pydicom.dcmread(path) if e.keyword not in skip}
+
+
+@pytest.mark.parametrize("kind", ["window_mono1", "ct_signed_rescale", "mr_window", "mr_rle_compressed"])
+def test_written_dicom_reads_back_as_the_target_within_epsilon(tmp_path, kind):
+    source = {
+        "window_mono1": lambda: write_dicom(tmp_path / "src.dcm", np.random.default_rng(1).integers(0, 4096, (20, 24)),
+                                            PhotometricInterpretation="MONOCHROME1", WindowCenter=2048,
+                                            WindowWidth=4096),
+        "ct_signed_rescale": lambda: Path(CT),
+        "mr_window": lambda: Path(MR),
+        "mr_rle_compressed": lambda: Path(get_testdata_file("MR_small_RLE.dcm")),
+    }[kind]()
+    eps = 4 / 255
+    before = read_dicom(source).astype(np.float64)
+    delta = np.random.default_rng(0).uniform(-eps, eps, before.shape)
+    target = np.clip(before + delta, 0, 1)
+    out = tmp_path / "marked.dcm"
+    reported_before, reported_after = write_grey_dicom(source, out, target, eps)
+    after = read_dicom(out).astype(np.float64)
+    assert np.abs(after - reported_after).max() < 1e-6 and np.abs(before - reported_before).max() < 1e-6
+    assert np.abs(after - before).max() <= eps + 1e-6  # the L∞ bound holds for the stored file
+    # the reading moved to the target: only where the VOI clips (or a step is coarse) can it not
+    reachable = (target > 0.001) & (target < 0.999)
+    step = 1.0 / (2 ** int(pydicom.dcmread(source).BitsStored) - 1) * 40  # ≥ the file's largest reading step
+    assert np.median(np.abs(after - target)[reachable]) < step and np.mean(after != before) > 0.5
+    # only the pixels (and the instance UID) changed; a compressed source is written uncompressed
+    written = pydicom.dcmread(out)
+    assert not written.file_meta.TransferSyntaxUID.is_compressed
+    assert written.SOPInstanceUID != pydicom.dcmread(source).SOPInstanceUID
+    kept = _elements_but_pixels(source)
+    assert {k: v for k, v in _elements_but_pixels(out).items() if k in kept} == kept
+    # the same source and target give the same bytes (a release can be rebuilt byte for byte)
+    write_grey_dicom(source, tmp_path / "again.dcm", target, eps)
+    assert (tmp_path / "again.dcm").read_bytes() == out.read_bytes()
+
+
+def test_nearest_stored_keeps_within_max_change_at_the_exact_bound_and_keeps_ties():
+    # 8-bit, no VOI: reading = stored / 255, so the bound is exact in stored steps
+    values = np.arange(256)
+    table = (values, values / 255.0)
+    stored = np.array([[100, 100, 100, 100, 0, 255]])
+    current = stored / 255.0
+    target = current + np.array([[4, 5, -4, 0.5, -3, 2]]) / 255.0
+    chosen = nearest_stored(stored, table, np.clip(target, 0, 1), max_change=4 / 255)
+    # +4 steps: exactly the bound, allowed; +5: the closest allowed is +4; 0.5 step: a tie keeps the stored value;
+    # below 0 / above 255 there is nothing closer than the stored value's neighbourhood allows
+    assert chosen.tolist() == [[104, 104, 96, 100, 0, 255]]
+
+
+def test_nearest_stored_under_a_clipping_window_and_far_targets():
+    # readings saturate at 1.0 from stored 200 up (a window); 0.005 per stored step below
+    values = np.arange(256)
+    table = (values, np.clip(values / 200.0, 0, 1))
+    stored = np.array([[250, 199, 250, 250]])
+    chosen = nearest_stored(stored, table, np.array([[0.99, 1.0, 0.9, 1.0]]), max_change=0.05)
+    assert chosen[0, 0] == 198  # out of the saturated plateau: reading 0.99 exactly
+    assert chosen[0, 1] >= 200  # up onto the plateau: reading 1.0
+    assert chosen[0, 2] == 190  # 0.9 is 0.1 away: the closest allowed reading is 0.95
+    assert chosen[0, 3] == 250  # already at the target: the stored value is kept, not another of the plateau
+
+
+def test_colour_or_odd_bit_depth_dicom_is_refused_for_writing_naming_the_field(tmp_path):
+    ds = pydicom.dcmread(write_dicom(tmp_path / "grey.dcm", np.zeros((8, 8))))
+    ds.set_pixel_data(np.zeros((8, 8, 3), np.uint8), photometric_interpretation="RGB", bits_stored=8)
+    ds.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
+    with pytest.raises(BadSampleError, match=r"rgb\.dcm.*PhotometricInterpretation is RGB"):
+        check_grey_writable(tmp_path / "rgb.dcm")
+    with pytest.raises(BadSampleError, match=r"rgb\.dcm.*PhotometricInterpretation"):
+        write_grey_dicom(tmp_path / "rgb.dcm", tmp_path / "out.dcm", np.zeros((8, 8)), 0.1)
+    assert not (tmp_path / "out.dcm").exists()
+    check_grey_writable(tmp_path / "grey.dcm")  # grey 16-bit: accepted
+
+
+def chexpert_as_dicom(tmp_path: Path, rgb_label: str | None = None) -> Path:
+    """The synthetic CheXpert layout (64 images, 32 px) with every image a 12-bit MONOCHROME1 DICOM file
+    with a window (as a PACS exports chest films), ``Path`` in the CSVs pointing at the ``.dcm`` files.
+    ``rgb_label``: images whose "Lung Opacity" is this CSV value are written as RGB DICOM instead."""
+    import csv
+
+    from datamodules.synthetic.cxr import generate_synthetic_cxr
+
+    jpeg_root = generate_synthetic_cxr(tmp_path / "jpeg", num_images=64, image_size=32, seed=0)
+    root = tmp_path / "dicom"
+    for name in ("train.csv", "valid.csv"):
+        rows = list(csv.DictReader((jpeg_root / "CheXpert-v1.0-small" / name).open()))
+        for row in rows:
+            grey = np.asarray(Image.open(jpeg_root / row["Path"]).convert("L")).astype(np.int64)
+            row["Path"] = row["Path"][: -len(".jpg")] + ".dcm"
+            target = root / row["Path"]
+            if rgb_label is not None and row["Lung Opacity"] == rgb_label:
+                ds = pydicom.dcmread(write_dicom(target, grey))
+                ds.set_pixel_data(np.repeat(grey[..., None], 3, 2).astype(np.uint8), "RGB", 8)
+                ds.save_as(target, enforce_file_format=True)
+            else:  # MONOCHROME1: bright = low values; 8-bit grey g -> stored 4095 - 16 g
+                write_dicom(target, 4095 - 16 * grey, PhotometricInterpretation="MONOCHROME1",
+                            WindowCenter=2048, WindowWidth=4096)
+        with (root / "CheXpert-v1.0-small" / name).open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+def xmark_on_dicom(root: Path, tmp_path: Path) -> list[str]:
+    """A tiny X-Mark run on the CheXpert layout at ``root`` (generator barely trained: the release contract only)."""
+    return [
+        "experiment=xmark_synthetic", "data=chexpert", f"data.root={root}", "data.synthetic=null",
+        "data.image_size=32", "data.batch_size=16", "logger=none", "test=false", "callbacks.validation_panels=null",
+        "method.warmup_steps=4", "method.proxy_steps=1", "method.generator_steps=4",
+        "method.generator.base_width=8", "method.generator.depth=2", "loss.lpips=null",
+        "callbacks.xmark_release.fraction=1.0", "callbacks.xmark_release.verification.num_images=4",
+        "callbacks.xmark_release.heldout_control.epochs=0",
+        "callbacks.xmark_release.seed=1", "callbacks.xmark_release.verification.seed=2",
+        f"paths.output_dir={tmp_path / 'run'}",
+    ]
+
+
+@pytest.mark.slow
+def test_xmark_releases_a_chexpert_dicom_dataset_as_dicom_within_epsilon(tmp_path):
+    """X-Mark on a CheXpert layout whose images are DICOM: the marked images stay DICOM (every element
+    but the pixels kept), read back within ε by the ordinary chexpert preset; the rest and the CSVs
+    are byte-identical."""
+    from conftest import compose_config
+    from hydra.utils import instantiate
+    from utils.run import run_training
+
+    source = chexpert_as_dicom(tmp_path)
+    run_training(compose_config(xmark_on_dicom(source, tmp_path), tmp_path))
+    release = __import__("json").loads((tmp_path / "run" / "release.json").read_text())
+    released = Path(release["release_dir"])
+    eps = release["epsilon"]
+    assert release["num_marked"] > 0 and release["linf_within_epsilon"] and 0 < release["linf"] <= eps
+    assert release["psnr_mean"] > 35
+    for name in ("train.csv", "valid.csv"):
+        assert (released / "CheXpert-v1.0-small" / name).read_bytes() == \
+            (source / "CheXpert-v1.0-small" / name).read_bytes()
+    marked = set(__import__("json").loads((tmp_path / "run" / "owner" / "secret.json").read_text())
+                 ["release"]["marked_ids"])
+    dm = instantiate(compose_config(["data=chexpert", f"data.root={released}", "data.image_size=32",
+                                     "data.synthetic=null"], tmp_path).data)
+    dm.setup()  # the release reads like any CheXpert DICOM folder
+    samples = {s.id: Path(s.image.path) for split in dm.splits.values() for s in split}
+    assert marked <= samples.keys()
+    for sample_id, path in samples.items():
+        original = source / path.relative_to(released)
+        if sample_id in marked:
+            assert path.suffix == ".dcm" and pydicom.dcmread(path).PhotometricInterpretation == "MONOCHROME1"
+            change = np.abs(read_dicom(path).astype(np.float64) - read_dicom(original))
+            assert change.max() <= eps + 1e-6 and change.max() > 0, sample_id
+            assert _elements_but_pixels(path).items() >= {
+                k: v for k, v in _elements_but_pixels(original).items() if k != "MediaStorageSOPInstanceUID"}.items()
+        else:
+            assert path.read_bytes() == original.read_bytes(), sample_id
+
+
+@pytest.mark.slow
+def test_xmark_refuses_a_colour_dicom_it_would_mark_before_training(tmp_path):
+    from conftest import compose_config
+    from datamodules.samples import DatasetError
+    from utils.run import run_training
+
+    source = chexpert_as_dicom(tmp_path, rgb_label="1.0")  # every Lung Opacity (target class) image is RGB
+    with pytest.raises(DatasetError, match=r"view1_frontal\.dcm.*PhotometricInterpretation is RGB"):
+        run_training(compose_config(xmark_on_dicom(source, tmp_path), tmp_path))
+    assert not list((tmp_path / "run").rglob("*.ckpt")) and not (tmp_path / "run" / "released").exists()

@@ -2,7 +2,8 @@
 
 :class:`XMarkMarker` is what the owner keeps (``owner/generator.pt``) to mark images and to
 verify; :func:`mark_native` marks one stored image at its native resolution within ε after
-8-bit rounding; :func:`query_pairs` queries a classifier on paired clean/marked images.
+8-bit rounding (:func:`mark_native_unit`: the float target of an image stored at a higher bit depth,
+e.g. DICOM); :func:`query_pairs` queries a classifier on paired clean/marked images.
 Reading a marker file back goes through the safe model reader
 (:func:`models.xmark_marker.load_marker`), which builds the networks this module only holds.
 
@@ -107,27 +108,23 @@ def marker_sha256(path: str | Path) -> str:
 
 
 @torch.no_grad()
-def mark_native(marker: XMarkMarker, pixels: np.ndarray, channels: int) -> np.ndarray:
-    """Mark one image file's pixels at their native resolution, exactly within ε after 8-bit rounding.
+def native_delta(marker: XMarkMarker, native: Tensor, channels: int) -> Tensor:
+    """δ for one image at its native resolution.
 
     Args:
-        marker: the released marker (G + surrogate).
-        pixels: H×W (grey) or H×W×3 uint8 array, as read from the source file.
-        channels: C the generator sees (1: grey; an RGB file gets the same δ on every channel).
+        native: K×H×W float in [0, 1], K = 1 (grey) or 3 (RGB), as stored.
+        channels: C the generator sees (1: an RGB image is turned grey first; 3: a grey image is
+            repeated on 3 channels and the 3 channels' δ averaged).
 
     The image is resized (antialiased bilinear, as the data module does) to the marker's
-    ``image_size``; δ is computed there, up-sampled (bilinear) back to H×W, added, and the
-    result rounded to uint8 with the integer difference clamped to ``floor(255·ε)``, so
-    ``max |x_w − x| ≤ ε`` holds exactly for the stored file. Returns an array of the same
-    shape and dtype as ``pixels``.
+    ``image_size``, δ is computed there and up-sampled (bilinear) back to H×W. Returns
+    1×H×W float (the same δ for every stored channel), within [−ε, ε].
     """
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
-        raise ValueError(f"expected an H×W or H×W×3 uint8 image, got {pixels.dtype} {pixels.shape}")
-    native = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 255.0
-    native = native[None] if native.ndim == 2 else native.permute(2, 0, 1)
-    if channels == 1 and native.shape[0] == 3:
+    if native.shape[0] == 3 and channels == 1:
         grey = (native * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-    elif channels == native.shape[0]:
+    elif native.shape[0] == 1 and channels == 3:
+        grey = native.expand(3, -1, -1)
+    elif native.shape[0] == channels:
         grey = native
     else:
         raise ValueError(f"cannot mark a {native.shape[0]}-channel image with a {channels}-channel generator")
@@ -136,12 +133,54 @@ def mark_native(marker: XMarkMarker, pixels: np.ndarray, channels: int) -> np.nd
     delta = marker.mark(x)["delta"][0]
     if tuple(delta.shape[-2:]) != tuple(native.shape[-2:]):
         delta = F.interpolate(delta[None], size=native.shape[-2:], mode="bilinear", align_corners=False)[0]
+    if native.shape[0] == 1 and delta.shape[0] == 3:
+        delta = delta.mean(0, keepdim=True)
+    return delta
+
+
+@torch.no_grad()
+def mark_native(marker: XMarkMarker, pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Mark one image file's pixels at their native resolution, exactly within ε after 8-bit rounding.
+
+    Args:
+        marker: the released marker (G + surrogate).
+        pixels: H×W (grey) or H×W×3 uint8 array, as read from the source file.
+        channels: C the generator sees (1: grey; an RGB file gets the same δ on every channel).
+
+    δ comes from :func:`native_delta`; the result is rounded to uint8 with the integer difference
+    clamped to ``floor(255·ε)``, so ``max |x_w − x| ≤ ε`` holds exactly for the stored file.
+    Returns an array of the same shape and dtype as ``pixels``.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+        raise ValueError(f"expected an H×W or H×W×3 uint8 image, got {pixels.dtype} {pixels.shape}")
+    native = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 255.0
+    native = native[None] if native.ndim == 2 else native.permute(2, 0, 1)
+    delta = native_delta(marker, native, channels)
     limit = int(np.floor(255.0 * marker.epsilon + 1e-9))
     original = native * 255.0
     steps = torch.round((native + delta).clamp(0, 1) * 255.0) - original  # delta broadcasts over RGB
     marked = (original + steps.clamp(-limit, limit)).round().clamp(0, 255).to(torch.uint8)
     out = marked[0] if pixels.ndim == 2 else marked.permute(1, 2, 0)
     return out.numpy()
+
+
+@torch.no_grad()
+def mark_native_unit(marker: XMarkMarker, unit: np.ndarray, channels: int) -> np.ndarray:
+    """The marked target of one grey image given as float values in [0, 1] (e.g. a DICOM file as
+    the data module reads it, before any 8-bit rounding).
+
+    Args:
+        unit: H×W float array in [0, 1].
+        channels: C the generator sees.
+
+    Returns ``clip(x + δ, 0, 1)`` as an H×W float64 array, ``|result − x| ≤ ε`` everywhere; the file
+    writer (e.g. :func:`datamodules.dicom.write_grey_dicom`) rounds it to what the file can store.
+    """
+    if unit.ndim != 2:
+        raise ValueError(f"expected an H×W grey image, got shape {unit.shape}")
+    native = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None]
+    delta = native_delta(marker, native, channels)[0].double().clamp(-marker.epsilon, marker.epsilon)
+    return (torch.from_numpy(np.asarray(unit, dtype=np.float64)) + delta).clamp(0, 1).numpy()
 
 
 @torch.no_grad()
