@@ -56,7 +56,7 @@ demo-task: venv
 # The suite runs on one pytest-xdist worker per CPU (tests/conftest.py gives each worker its share of torch
 # threads); --dist loadfile keeps a test file on one worker, so a module's fixtures (tiny trained models)
 # are built once. On a 2-core CPU: 15 min 19 s instead of 29 min 14 s serially (PYTEST_WORKERS=0).
-PYTEST_WORKERS ?= auto
+PYTEST_WORKERS ?= logical
 test: venv
 	WANDB_MODE=disabled $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

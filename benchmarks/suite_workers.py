@@ -46,7 +46,7 @@ def run_pytest(pytest_args: list[str], log: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", default="auto", help="pytest-xdist -n of the parallel run (make test: auto)")
+    parser.add_argument("--workers", default="logical", help="pytest-xdist -n of the parallel run (make test: logical)")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench" / "suite_workers")
     args, pytest_args = parser.parse_known_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parallel = run_pytest(["-n", str(args.workers), "--dist", "loadfile", *pytest_args], args.out / "parallel.log")
     result = {
         "benchmark": "suite_workers", "pytest_args": pytest_args, "workers": args.workers,
-        "cpus": len(os.sched_getaffinity(0)), "cpu_capability": cpu_capability(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "cpu_capability": cpu_capability(),
         "serial": serial, "parallel": parallel,
         "speedup": round(serial["seconds"] / parallel["seconds"], 3) if parallel["seconds"] else None,
     }

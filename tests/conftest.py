@@ -25,11 +25,16 @@ def worker_threads(workers: int, cpus: int) -> int:
     return max(1, cpus // max(1, workers))
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS reports one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # Set before torch starts its thread pool in this worker; train.py / verify.py subprocesses inherit it.
 # A value the user exported wins.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]),
-                                                                 len(os.sched_getaffinity(0)))))
+                                                                 usable_cpus())))
 
 
 def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "train"):
