@@ -55,7 +55,8 @@ demo-task: venv
 
 # The suite runs on one pytest-xdist worker per CPU (tests/conftest.py gives each worker its share of torch
 # threads); --dist loadfile keeps a test file on one worker, so a module's fixtures (tiny trained models)
-# are built once. On a 2-core CPU: 15 min 19 s instead of 29 min 14 s serially (PYTEST_WORKERS=0).
+# are built once. On a 2-core CPU: 16 min 39 s instead of 29 min 47 s serially (PYTEST_WORKERS=0), 1.79x,
+# measured side by side by benchmarks/suite_workers.py.
 PYTEST_WORKERS ?= logical
 test: venv
 	WANDB_MODE=disabled $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
