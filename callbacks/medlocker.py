@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from datamodules.dicom import is_dicom_path  # noqa: E402
 from watermark.certificates import (  # noqa: E402
     build_certificate,
     owner_signing_key,
@@ -117,6 +118,15 @@ class ProtectionExport(Callback):
         self.split = split
         self.num_panel = num_panel
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # before any training or protection: the export checks the same at the end (check_originals),
+        # after every image has been protected
+        datamodule = trainer.datamodule
+        if getattr(self, "_checked", False) or datamodule is None or self.split not in getattr(datamodule, "splits", {}):
+            return
+        check_protectable(datamodule.splits[self.split], int(datamodule.image_size), int(datamodule.channels))
+        self._checked = True
+
     @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         records = getattr(pl_module, "records", None)
@@ -150,6 +160,25 @@ def _owner_keys(owner_dir: Path, private_key: str | None, master_key: str | None
         mk = generate_master_key()
         paths["master_key"] = str(save_master_key(owner_dir / "master_key.hex", mk).resolve())
     return key, mk, paths
+
+
+def check_protectable(samples: list, image_size: int, channels: int) -> None:
+    """Every image of the split to protect must be what the model is served, bit for bit: an 8-bit file of
+    ``image_size`` × ``image_size`` with ``channels`` channels (the exact restore and the lesion guarantee are
+    about the stored file). ValueError naming the first file that is not, and what to change."""
+    for sample in samples:
+        stored = np.asarray(sample.image.read())
+        path, stored_channels = sample.image.path, 1 if stored.ndim == 2 else min(stored.shape[2], 3)
+        if stored.dtype != np.uint8:
+            kind = "a DICOM file" if is_dicom_path(path) else f"{stored.dtype} pixels"
+            raise ValueError(f"{path}: {kind}, not an 8-bit image; protection and its exact restore work on 8-bit "
+                             "image files (export the images as 8-bit PNG first)")
+        if stored.shape[:2] != (image_size, image_size):
+            raise ValueError(f"{path}: stored {stored.shape[0]}×{stored.shape[1]}, data.image_size={image_size}; "
+                             "protection needs data.image_size equal to the stored image size")
+        if stored_channels != channels:
+            raise ValueError(f"{path}: {stored_channels} channel(s) stored, data.channels={channels}; protection "
+                             "needs the stored channels")
 
 
 def check_originals(records: list[dict], samples: dict, root: Path, split: str) -> None:

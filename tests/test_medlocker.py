@@ -468,3 +468,30 @@ def test_false_positive_study_claims_nothing_the_owner_did_not_protect(miad_run)
     assert other["rerender_passed"] == other["images"] and other["signature_valid"] is False  # only the key fails
     control = result["owner_control"]
     assert control["verified"] and control["false_image_claims"] == control["images"]
+
+
+def test_only_8_bit_images_of_the_served_size_and_channels_can_be_protected(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.medlocker import check_protectable
+
+    def sample(name: str, pixels: np.ndarray):
+        return SimpleNamespace(image=SimpleNamespace(path=tmp_path / name, read=lambda: pixels))
+
+    good = [sample("a.png", np.zeros((48, 48), np.uint8)), sample("b.png", np.zeros((48, 48), np.uint8))]
+    check_protectable(good, image_size=48, channels=1)
+    with pytest.raises(ValueError, match=r"c\.dcm: a DICOM file, not an 8-bit image"):
+        check_protectable(good + [sample("c.dcm", np.zeros((48, 48), np.float32))], 48, 1)
+    with pytest.raises(ValueError, match=r"d\.png: stored 48×47, data.image_size=48"):
+        check_protectable(good + [sample("d.png", np.zeros((48, 47), np.uint8))], 48, 1)
+    with pytest.raises(ValueError, match=r"e\.png: 3 channel\(s\) stored, data.channels=1"):
+        check_protectable(good + [sample("e.png", np.zeros((48, 48, 4), np.uint8))], 48, 1)
+    check_protectable([sample("f.png", np.zeros((48, 48, 4), np.uint8))], 48, 3)  # RGBA: the 3 colour channels
+
+
+@pytest.mark.slow
+def test_a_protection_run_whose_images_are_not_served_as_stored_stops_before_training(tmp_path):
+    proc, run_dir = run_train(["experiment=miadmark_synthetic", *TINY_ADV, "data.image_size=32"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "stored 48×48, data.image_size=32" in proc.stderr and ".png" in proc.stderr
+    assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "protection.json").exists()
