@@ -68,6 +68,33 @@ def test_marked_png_round_trip_stays_within_epsilon_exactly(tmp_path, epsilon, n
     assert marked_rgb.shape == rgb.shape and np.abs(marked_rgb.astype(int) - rgb.astype(int)).max() / 255 <= epsilon
 
 
+def test_float_target_of_a_high_bit_depth_image_uses_the_budget_and_no_more():
+    from watermark.xmark.marker import mark_native_unit
+
+    epsilon = 4 / 255
+    marker = saturated_marker(epsilon)
+    unit = np.random.default_rng(2).uniform(0.1, 0.9, (40, 36))  # away from 0 and 1: nothing clips
+    target = mark_native_unit(marker, unit, channels=1)
+    change = np.abs(target - unit)
+    assert target.shape == unit.shape and target.dtype == np.float64
+    # saturated δ: the whole budget and no more (up to float64 rounding: x + ε − x is ε ± 1 ulp)
+    assert change.max() <= epsilon + 1e-15 and change.max() > 0.99 * epsilon
+    with pytest.raises(ValueError, match="H×W grey"):
+        mark_native_unit(marker, unit[..., None], channels=1)
+
+
+def test_a_grey_file_is_marked_by_a_three_channel_generator_within_epsilon():
+    torch.manual_seed(0)
+    config = {**GEN_CFG, "in_channels": 3}
+    generator = ConditionalUNetGenerator(**config)
+    torch.nn.init.normal_(generator.head.weight, std=50.0)
+    marker = XMarkMarker(generator, build_timm_classifier(name="small_cnn", num_classes=2, in_channels=3), config,
+                         {**SUR_CFG, "in_channels": 3}, 32)
+    pixels = np.random.default_rng(3).integers(20, 236, (32, 32), dtype=np.uint8)
+    marked = mark_native(marker, pixels, channels=3)  # one δ, the mean of the three channels'
+    assert marked.shape == pixels.shape and 0 < np.abs(marked.astype(int) - pixels).max() <= int(255 * 8 / 255)
+
+
 def test_marker_file_round_trips_and_bad_files_are_named(tmp_path):
     marker = saturated_marker()
     path = marker.save(tmp_path / "generator.pt")

@@ -117,8 +117,9 @@ def native_delta(marker: XMarkMarker, native: Tensor, channels: int) -> Tensor:
             repeated on 3 channels and the 3 channels' δ averaged).
 
     The image is resized (antialiased bilinear, as the data module does) to the marker's
-    ``image_size``, δ is computed there and up-sampled (bilinear) back to H×W. Returns
-    1×H×W float (the same δ for every stored channel), within [−ε, ε].
+    ``image_size``, δ is computed there and up-sampled (bilinear) back to H×W. Returns a float
+    tensor within [−ε, ε]: 3×H×W for an RGB image with a 3-channel generator, else 1×H×W (the
+    same δ on every stored channel).
     """
     if native.shape[0] == 3 and channels == 1:
         grey = (native * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
@@ -173,7 +174,8 @@ def mark_native_unit(marker: XMarkMarker, unit: np.ndarray, channels: int) -> np
         unit: H×W float array in [0, 1].
         channels: C the generator sees.
 
-    Returns ``clip(x + δ, 0, 1)`` as an H×W float64 array, ``|result − x| ≤ ε`` everywhere; the file
+    Returns ``clip(x + δ, 0, 1)`` as an H×W float64 array, ``|result − x| ≤ ε`` everywhere up to float64
+    rounding (one ulp: x + ε − x can exceed ε by 2e-17); the file
     writer (e.g. :func:`datamodules.dicom.write_grey_dicom`) rounds it to what the file can store.
     """
     if unit.ndim != 2:
