@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: E402
 
-from datamodules.dicom import check_grey_writable, is_dicom_path, read_dicom, write_grey_dicom  # noqa: E402
+from datamodules.dicom import check_grey_writable, is_dicom_path, write_grey_dicom  # noqa: E402
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
 from callbacks.figures import save_and_log_figure  # noqa: E402
 from models.safe_reader import ModelFileError, load_model_checkpoint  # noqa: E402
@@ -263,9 +263,8 @@ class XMarkRelease(Callback):
                 raise ValueError(f"{path}: image is outside the dataset folder {source}; cannot release it") from None
             target = self.release_dir / relative
             if is_dicom_path(path):
-                check_grey_writable(path)  # checked at fit start; the file may have changed since
-                wanted = mark_native_unit(marker, read_dicom(path).astype(np.float64), channels)
-                before, after = write_grey_dicom(path, target, wanted, marker.epsilon)
+                before, after = write_grey_dicom(path, target, lambda unit: mark_native_unit(marker, unit, channels),
+                                                 marker.epsilon)
             else:
                 with Image.open(path) as image:
                     pixels = np.asarray(image if image.mode in ("L", "RGB") else

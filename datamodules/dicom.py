@@ -25,6 +25,7 @@ one is at fault, the DICOM field.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,10 @@ def check_grey_writable(path: str | Path) -> None:
     :func:`write_grey_dicom` cannot write marked pixels into: anything :func:`read_dicom` refuses,
     colour (``SamplesPerPixel`` 3 or ``PALETTE COLOR``), or a ``BitsAllocated`` other than 8/16."""
     path = Path(path)
-    ds = _read_dataset(path, header_only=True)
+    _check_grey_writable(path, _read_dataset(path, header_only=True))
+
+
+def _check_grey_writable(path: Path, ds) -> None:
     _check_header(path, ds)
     photometric = str(ds.PhotometricInterpretation).upper()
     if int(ds.SamplesPerPixel) != 1 or photometric not in _WRITABLE_PHOTOMETRIC:
@@ -278,17 +282,18 @@ def nearest_stored(stored: np.ndarray, table: tuple[np.ndarray, np.ndarray], tar
     return best_value
 
 
-def write_grey_dicom(source: str | Path, target_path: str | Path, target: np.ndarray,
-                     max_change: float) -> tuple[np.ndarray, np.ndarray]:
+def write_grey_dicom(source: str | Path, target_path: str | Path,
+                     mark: Callable[[np.ndarray], np.ndarray], max_change: float) -> tuple[np.ndarray, np.ndarray]:
     """Write a copy of the grey DICOM file ``source`` whose pixels read (through :func:`read_dicom`)
-    as close to ``target`` as the stored bits allow, no reading changing by more than ``max_change``.
+    as close to ``mark(readings)`` as the stored bits allow, no reading changing by more than ``max_change``.
 
     Only the pixel values change: every other element is kept, except that a compressed file is
     written uncompressed (Explicit VR Little Endian) and the SOP Instance UID becomes a new one derived
     from the old (new pixels are a new instance; the same source gives the same UID every time).
 
     Args:
-        target: H×W float readings in [0, 1] (e.g. :func:`watermark.xmark.marker.mark_native_unit`).
+        mark: H×W float64 readings of the source in [0, 1] -> H×W target readings in [0, 1]
+            (e.g. :func:`watermark.xmark.marker.mark_native_unit`); the file is read once.
         max_change: the largest change of any pixel's reading, in [0, 1] units.
 
     Returns ``(before, after)``: H×W float64 readings of the source and of the written file.
@@ -297,15 +302,18 @@ def write_grey_dicom(source: str | Path, target_path: str | Path, target: np.nda
     from pydicom.uid import generate_uid
 
     source, target_path = Path(source), Path(target_path)
-    check_grey_writable(source)
     ds = _read_dataset(source, header_only=False)
+    _check_grey_writable(source, ds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stored = ds.pixel_array
+    table = grey_unit_table(source, ds)
+    values, unit = table
+    before = unit[stored.astype(np.int64) - values[0]]
+    target = np.asarray(mark(before), dtype=np.float64)
     if target.shape != stored.shape:
         raise ValueError(f"{source}: target is {target.shape}, the image is {stored.shape}")
-    table = grey_unit_table(source, ds)
-    marked = nearest_stored(stored, table, np.asarray(target, dtype=np.float64), max_change).astype(stored.dtype)
+    marked = nearest_stored(stored, table, target, max_change).astype(stored.dtype)
     ds.set_pixel_data(marked, photometric_interpretation=str(ds.PhotometricInterpretation),
                       bits_stored=int(ds.BitsStored), generate_instance_uid=False)
     new_uid = generate_uid(entropy_srcs=[str(ds.get("SOPInstanceUID", source.name)), "medmark marked pixels"])
@@ -314,5 +322,4 @@ def write_grey_dicom(source: str | Path, target_path: str | Path, target: np.nda
         ds.file_meta.MediaStorageSOPInstanceUID = new_uid
     target_path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target_path, enforce_file_format=True)
-    values, unit = table
-    return unit[stored.astype(np.int64) - values[0]], unit[marked.astype(np.int64) - values[0]]
+    return before, unit[marked.astype(np.int64) - values[0]]

@@ -330,7 +330,7 @@ def test_written_dicom_reads_back_as_the_target_within_epsilon(tmp_path, kind):
     delta = np.random.default_rng(0).uniform(-eps, eps, before.shape)
     target = np.clip(before + delta, 0, 1)
     out = tmp_path / "marked.dcm"
-    reported_before, reported_after = write_grey_dicom(source, out, target, eps)
+    reported_before, reported_after = write_grey_dicom(source, out, lambda unit: target, eps)
     after = read_dicom(out).astype(np.float64)
     assert np.abs(after - reported_after).max() < 1e-6 and np.abs(before - reported_before).max() < 1e-6
     assert np.abs(after - before).max() <= eps + 1e-6  # the L∞ bound holds for the stored file
@@ -345,7 +345,7 @@ def test_written_dicom_reads_back_as_the_target_within_epsilon(tmp_path, kind):
     kept = _elements_but_pixels(source)
     assert {k: v for k, v in _elements_but_pixels(out).items() if k in kept} == kept
     # the same source and target give the same bytes (a release can be rebuilt byte for byte)
-    write_grey_dicom(source, tmp_path / "again.dcm", target, eps)
+    write_grey_dicom(source, tmp_path / "again.dcm", lambda unit: target, eps)
     assert (tmp_path / "again.dcm").read_bytes() == out.read_bytes()
 
 
@@ -381,7 +381,7 @@ def test_colour_or_odd_bit_depth_dicom_is_refused_for_writing_naming_the_field(t
     with pytest.raises(BadSampleError, match=r"rgb\.dcm.*PhotometricInterpretation is RGB"):
         check_grey_writable(tmp_path / "rgb.dcm")
     with pytest.raises(BadSampleError, match=r"rgb\.dcm.*PhotometricInterpretation"):
-        write_grey_dicom(tmp_path / "rgb.dcm", tmp_path / "out.dcm", np.zeros((8, 8)), 0.1)
+        write_grey_dicom(tmp_path / "rgb.dcm", tmp_path / "out.dcm", lambda unit: unit, 0.1)
     assert not (tmp_path / "out.dcm").exists()
     check_grey_writable(tmp_path / "grey.dcm")  # grey 16-bit: accepted
 
