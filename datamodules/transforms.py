@@ -6,6 +6,8 @@ image only, so one pipeline serves segmentation and classification.
 
 :func:`random_rescale` is a batch augmentation on B×C×H×W tensors (differentiable): a
 random down/up-sampling, as a suspect pipeline that resizes its inputs would do.
+:func:`thief_augment` is the same kind of batch op for the training augmentation a thief
+usually applies to a released dataset (horizontal flip, zoom about the centre).
 """
 
 from __future__ import annotations
@@ -75,3 +77,45 @@ def random_rescale(
         return x
     down = F.interpolate(x, size=small, mode=mode, align_corners=False, antialias=True)
     return F.interpolate(down, size=(height, width), mode=mode, align_corners=False).clamp(0.0, 1.0)
+
+
+def thief_augment(
+    x: Tensor,
+    hflip: float = 0.5,
+    zoom: tuple[float, float] | list[float] = (1.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The usual training augmentation of a classifier, on a batch and differentiable.
+
+    Per image, independently: a horizontal flip with probability ``hflip``, then a zoom about
+    the centre by ``z ~ U(zoom)`` (the central ``H/z × W/z`` region resampled bilinearly to
+    ``H × W``). That is what :func:`build_transforms` does with ``hflip`` and ``scale=zoom``
+    (``RandomHorizontalFlip`` + ``RandomAffine(scale=...)``) to one image, done here to a batch
+    of marked images so that gradients reach the generator that made them.
+
+    Args:
+        x: B×C×H×W float (any range; zoom interpolates, so values stay within x's range).
+        hflip: probability in [0, 1] that an image is mirrored left-right.
+        zoom: (low, high) with 1 ≤ low ≤ high; (1, 1) = no zoom.
+        generator: CPU torch generator for reproducible draws.
+    Returns:
+        B×C×H×W, same dtype and device; ``x`` itself when ``hflip == 0`` and ``zoom == (1, 1)``.
+    """
+    low, high = float(zoom[0]), float(zoom[1])
+    if not 0.0 <= float(hflip) <= 1.0:
+        raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+    if not 1.0 <= low <= high:
+        raise ValueError(f"zoom must satisfy 1 <= low <= high (a zoom in, like a crop), got {list(zoom)}")
+    batch = x.shape[0]
+    out = x
+    if hflip > 0:
+        flip = (torch.rand(batch, generator=generator) < float(hflip)).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if high > 1.0:
+        factor = low + (high - low) * torch.rand(batch, generator=generator, dtype=torch.float64)
+        theta = torch.zeros(batch, 2, 3, dtype=x.dtype)
+        theta[:, 0, 0] = (1.0 / factor).to(x.dtype)  # output coordinate u samples the input at u / z
+        theta[:, 1, 1] = theta[:, 0, 0]
+        grid = F.affine_grid(theta.to(x.device), list(out.shape), align_corners=False)
+        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out

@@ -39,13 +39,14 @@ Training step (manual optimisation, two optimisers):
 1. iterations < ``warmup_steps``: the proxy (and an inline surrogate) take a CE step on the
    clean batch; G is not updated.
 2. afterwards: s = EigenCAM(surrogate, x); the proxy takes a CE step on the marked batch
-   (target-class rows replaced by x_w with probability ``mark_fraction``; optionally randomly
+   (target-class rows replaced by x_w with probability ``mark_fraction``; then, with
+   ``thief_augment``, flipped/zoomed like a thief's training pipeline; optionally randomly
    rescaled); every ``proxy_steps`` iterations G takes a step on the generator terms of the
    ``loss`` group (all terms not in ``proxy_terms``), which read:
 
    ``marked`` / ``delta`` (B×C×H×W), ``marked_logits`` (proxy on x_w; a list of B×K, one per
    proxy used this step), ``rescaled_marked_logits`` (the same on randomly down/up-sampled
-   x_w), ``proxy_weights`` (tensor P, the weights of those proxies), ``surrogate_marked_logits``,
+   x_w -- after ``thief_augment``'s flip/zoom when that is set: the thief's whole pipeline), ``proxy_weights`` (tensor P, the weights of those proxies), ``surrogate_marked_logits``,
    ``reference_marked_logits`` (list: surrogate + references + clean twins on x_w).
 
 Logged: every term (``train/loss/<name>`` for G, ``train_proxy/loss/<name>`` for the proxy),
@@ -73,6 +74,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm.auto import tqdm
 
 from datamodules.transforms import random_rescale
+from datamodules.transforms import thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
 from lightning_modules.task import TaskModule
 from losses.perceptual import LPIPSTerm
@@ -93,6 +95,20 @@ def _no_pretrained(config: dict) -> dict:
     if "allow_random_init" in config:
         config["allow_random_init"] = True
     return config
+
+
+def _thief_augment_settings(config: dict | None) -> dict:
+    """``method.thief_augment`` checked and completed: ``{"hflip": float, "zoom": [low, high]}``."""
+    augment = dict(to_plain(config) or {})
+    unknown = sorted(set(augment) - {"hflip", "zoom"})
+    if unknown:
+        raise ValueError(f"method.thief_augment has unknown keys {unknown} (allowed: hflip, zoom)")
+    augment = {"hflip": float(augment.get("hflip", 0.0)), "zoom": [float(v) for v in augment.get("zoom", (1.0, 1.0))]}
+    try:
+        thief_augment_fn(torch.zeros(1, 1, 2, 2), **augment)
+    except (ValueError, IndexError) as err:
+        raise ValueError(f"method.thief_augment: {err}") from None
+    return augment
 
 
 # ------------------------------------------------------------------------------------ module
@@ -127,6 +143,11 @@ class XMarkModule(TaskModule):
         indm_covers_proxy_families: train one clean twin per extra proxy family during warm-up
             and add it to the Ind-M suppression term and the controls.
         generator_steps: generator updates after warm-up, then the run stops (null = epochs).
+        thief_augment: ``{hflip: p, zoom: [low, high]}`` -- the augmentation a thief trains with
+            (:func:`datamodules.transforms.thief_augment`), applied to every proxy training batch
+            after marking and to x_w before the rescaled targeted term, so that δ is learnt
+            through the flips and zooms the released images will undergo; null or
+            ``{hflip: 0, zoom: [1, 1]}`` = none (the original X-Mark, bit for bit).
         **kwargs: :class:`TaskModule` arguments (``task``, ``num_classes``, ``backbone``, ``loss``,
             ``optimizer`` of the proxy, ...).
     """
@@ -152,6 +173,7 @@ class XMarkModule(TaskModule):
         proxy_combine: str = "sum",
         indm_covers_proxy_families: bool = True,
         generator_steps: int | None = None,
+        thief_augment: dict | None = None,
         **kwargs: Any,
     ):
         kwargs.setdefault("task", "classification")
@@ -202,6 +224,7 @@ class XMarkModule(TaskModule):
             "extra_proxies": extra_proxies, "proxy_weights": dict(zip(proxy_names, weights)),
             "proxy_combine": proxy_combine, "indm_covers_proxy_families": bool(indm_covers_proxy_families),
             "generator_steps": None if generator_steps is None else int(generator_steps),
+            "thief_augment": _thief_augment_settings(thief_augment),
         })
         self.automatic_optimization = False
         self.target_class = int(target_class)
@@ -392,6 +415,9 @@ class XMarkModule(TaskModule):
             chosen = self._target_mask(labels) & (torch.rand(labels.shape, device=labels.device)
                                                   < self.hparams.mark_fraction)
             proxy_images = torch.where(chosen[:, None, None, None], quantise(marked), images)
+        # the thief trains on flipped/zoomed copies of the released images (clean ones too)
+        proxy_images = thief_augment_fn(proxy_images, **self.hparams.thief_augment)
+        if not warming_up:
             if self.hparams.proxy_rescale > 0 and float(torch.rand(())) < self.hparams.proxy_rescale:
                 proxy_images = random_rescale(proxy_images, tuple(self.hparams.rescale_range))
             self.log("train/marked_share", chosen.float().mean(), on_step=False, on_epoch=True,
@@ -455,7 +481,8 @@ class XMarkModule(TaskModule):
             proxies[name].eval()  # running BatchNorm statistics: a batch of marked images must not shift them
         try:
             marked_logits = [proxies[n](marked) for n in names]
-            rescaled = random_rescale(marked, tuple(self.hparams.rescale_range))
+            rescaled = random_rescale(thief_augment_fn(marked, **self.hparams.thief_augment),
+                                      tuple(self.hparams.rescale_range))
             rescaled_logits = [proxies[n](rescaled) for n in names]
             outputs = {
                 "marked": marked,

@@ -60,6 +60,9 @@ def test_ensemble_experiment_composes_families_from_configs_backbone(tmp_path):
     (["method.proxy_combine=vote"], "proxy_combine must be sum or sample"),
     (["method.generator_steps=0"], "generator_steps must be >= 1"),
     (["method.warmup_steps=0"], "warmup_steps must be >= 1"),
+    (["+method.thief_augment.crop=0.9"], r"thief_augment has unknown keys \['crop'\]"),
+    (["method.thief_augment.zoom=[0.9,1.0]"], "method.thief_augment: zoom must satisfy"),
+    (["method.thief_augment.hflip=2"], "method.thief_augment: hflip must be a probability"),
 ])
 def test_bad_ensemble_settings_are_refused_by_name(tmp_path, change, message):
     with pytest.raises(Exception, match=message):
@@ -103,6 +106,41 @@ def test_every_proxy_drives_the_generator_and_a_zero_weight_proxy_does_not(tmp_p
     assert all(len(d) == 1 for d in drawn) and {d[0] for d in drawn} == {"resnet18", "cnn_b"}
     assert 0.6 < sum(d[0] == "cnn_b" for d in drawn) / 200 < 0.9  # ∝ weight (3:1)
     assert module.proxies_for_step(train=False)[0] == ["resnet18", "cnn_b"]  # evaluation: every proxy
+
+
+def test_thief_augmentation_reaches_the_proxies_and_the_rescaled_term_only(tmp_path, monkeypatch):
+    """method.thief_augment: proxies train on flipped copies, the rescaled term reads the flipped x_w;
+    the plain targeted term (the verifier's view), the clean models and their training stay un-augmented."""
+    single = [o for o in TINY_ENSEMBLE if "extra_proxies" not in o]
+    module, _ = build_module(single + ["method.thief_augment.hflip=1.0", "method.proxy_rescale=0.0",
+                                       "method.rescale_range=[1.0,1.0]", "method.mark_fraction=1.0"], tmp_path)
+    seen: dict[str, list[torch.Tensor]] = {"proxy": [], "surrogate": []}
+    module.model.register_forward_pre_hook(lambda m, args: seen["proxy"].append(args[0].detach().clone()))
+    module.surrogate.register_forward_pre_hook(lambda m, args: seen["surrogate"].append(args[0].detach().clone()))
+    optimizers = module.configure_optimizers()
+    monkeypatch.setattr(module, "optimizers", lambda: optimizers)
+    monkeypatch.setattr(module, "manual_backward", lambda loss: loss.backward())
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    torch.manual_seed(2)
+    labels = torch.tensor([0, 1, 0, 1])
+    batch = {"image": torch.rand(4, 1, 32, 32), "label": labels}
+
+    module.training_step(batch, 0)  # warm-up: clean batch
+    assert torch.equal(seen["proxy"][0], batch["image"].flip(-1))
+    assert torch.equal(seen["surrogate"][0], batch["image"])  # the inline surrogate learns the clean data as is
+
+    module.iterations.fill_(module.hparams.warmup_steps)  # warm-up over: marked batch, then G's step
+    seen["proxy"].clear()
+    module.training_step(batch, 1)
+    proxy_batch, marked_view, pipeline_view = seen["proxy"]
+    non_target = labels != module.target_class
+    assert torch.equal(proxy_batch[non_target], batch["image"][non_target].flip(-1))  # never marked, flipped
+    assert not torch.equal(proxy_batch[~non_target], batch["image"][~non_target].flip(-1))  # marked, then flipped
+    assert torch.equal(pipeline_view, marked_view.flip(-1))  # rescaled term: thief's pipeline on x_w
+    # plain targeted term: x_w as the verifier queries it (within ε of x, not mirrored)
+    epsilon = module.hparams.generator["epsilon"]
+    assert (marked_view - batch["image"]).abs().max() <= epsilon + 1e-6
+    assert (marked_view - batch["image"].flip(-1)).abs().max() > 0.5
 
 
 def _fit(tmp_path: Path, name: str, extra: list[str], monkeypatch) -> tuple[object, dict]:

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import stats
 from torch import nn
 
-from datamodules.transforms import random_rescale
+from datamodules.transforms import random_rescale, thief_augment
 from losses.laplacian import LaplacianPenaltyTerm
 from losses.perceptual import LPIPSTerm
 from losses.xmark import IndMSuppressionTerm, TargetedCETerm, UntargetedSuppressionTerm
@@ -317,6 +317,52 @@ def test_random_rescale_is_reproducible_differentiable_and_lowpass():
     a.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert torch.equal(random_rescale(x, (1.0, 1.0)), x)
+
+
+@pytest.mark.parametrize("zoom", [1.05, 1.111, 1.5])
+def test_thief_augment_zoom_is_torchvisions_random_affine_scale(zoom):
+    """The batch zoom equals what the thief's data pipeline (RandomAffine(scale)) does to one image."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 40, 48)
+    ours = thief_augment(x, hflip=0.0, zoom=(zoom, zoom))
+    for image, augmented in zip(x, ours):
+        reference = TF.affine(image, angle=0.0, translate=[0, 0], scale=zoom, shear=[0.0, 0.0],
+                              interpolation=InterpolationMode.BILINEAR)
+        assert (augmented - reference).abs().max() < 1e-4
+    assert (ours - x).abs().max() > 0.05  # a zoom really moved the content
+
+
+def test_thief_augment_flips_each_image_independently_and_reproducibly():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(64, 1, 1, 1)  # left-right asymmetric
+    a = thief_augment(x, hflip=0.5, generator=torch.Generator().manual_seed(7))
+    b = thief_augment(x, hflip=0.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    flipped = torch.tensor([torch.equal(img, x[0].flip(-1)) for img in a])
+    kept = torch.tensor([torch.equal(img, x[0]) for img in a])
+    assert bool((flipped ^ kept).all())  # every image is exactly one of the two
+    assert 16 < int(flipped.sum()) < 48  # per image, not one coin for the batch
+    assert torch.equal(thief_augment(x, hflip=1.0), x.flip(-1))
+    assert thief_augment(x, hflip=0.0, zoom=(1.0, 1.0)) is x  # off = untouched (no random draw either)
+
+
+def test_thief_augment_is_differentiable_and_keeps_a_constant_image():
+    x = torch.full((2, 1, 16, 16), 0.3, requires_grad=True)
+    out = thief_augment(x, hflip=0.5, zoom=(1.0, 1.2), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, torch.full_like(out, 0.3), atol=1e-6)  # no border or fill leaks in
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("hflip, zoom, message", [
+    (1.5, (1.0, 1.0), "hflip"), (-0.1, (1.0, 1.0), "hflip"),
+    (0.5, (0.9, 1.0), "zoom"), (0.5, (1.2, 1.1), "zoom"),
+])
+def test_thief_augment_refuses_bad_settings(hflip, zoom, message):
+    with pytest.raises(ValueError, match=message):
+        thief_augment(torch.zeros(1, 1, 4, 4), hflip=hflip, zoom=zoom)
 
 
 # ---------------------------------------------------------------- verification statistic
