@@ -50,6 +50,11 @@ def test_ensemble_experiment_composes_families_from_configs_backbone(tmp_path):
     assert cfg.method.generator_steps == 45 and cfg.callbacks.xmark_release.heldout_control.proxy_families
     single = compose_config(["experiment=xmark_synthetic"], tmp_path)
     assert OmegaConf.to_container(single.method.extra_proxies) == {}  # the original single-proxy X-Mark
+    assert OmegaConf.to_container(single.method.thief_augment) == {"hflip": 0.0, "zoom": [1.0, 1.0]}  # off
+    augmented = compose_config(["experiment=xmark_augmented_synthetic"], tmp_path)
+    assert OmegaConf.to_container(augmented.method.thief_augment) == {"hflip": 0.5, "zoom": [1.0, 1.111]}
+    assert augmented.method.generator_steps == 180 and augmented.method.mark_fraction == 0.5
+    assert augmented.callbacks.xmark_release.fraction == 0.5  # the release marks the share the proxy saw
 
 
 @pytest.mark.parametrize("change, message", [
