@@ -46,7 +46,8 @@ Training step (manual optimisation, two optimisers):
 
    ``marked`` / ``delta`` (B×C×H×W), ``marked_logits`` (proxy on x_w; a list of B×K, one per
    proxy used this step), ``rescaled_marked_logits`` (the same on randomly down/up-sampled
-   x_w -- after ``thief_augment``'s flip/zoom when that is set: the thief's whole pipeline), ``proxy_weights`` (tensor P, the weights of those proxies), ``surrogate_marked_logits``,
+   x_w -- after ``thief_augment``'s flip/zoom when that is set: the thief's whole pipeline),
+   ``proxy_weights`` (tensor P, the weights of those proxies), ``surrogate_marked_logits``,
    ``reference_marked_logits`` (list: surrogate + references + clean twins on x_w).
 
 Logged: every term (``train/loss/<name>`` for G, ``train_proxy/loss/<name>`` for the proxy),
