@@ -126,9 +126,11 @@ class XMarkRelease(Callback):
         thresholds: ``{tau, alpha}``, pre-registered in the secret.
         owner_id: certificate field.
         private_key: owner's Ed25519 PEM; null = create ``<owner_dir>/owner_private_key.pem``.
-        heldout_control: ``{epochs, seeds, lr, proxy_families}`` -- train one clean model of the
-            surrogate's architecture per seed (and, with ``proxy_families``, one of each extra
-            proxy family of the ensemble, e.g. a clean VGG), which the generator never saw
+        heldout_control: ``{epochs, seeds, lr, proxy_families, thief_augmented}`` -- train one clean model of
+            the surrogate's architecture per seed (and, with ``proxy_families``, one of each extra
+            proxy family of the ensemble, e.g. a clean VGG; with ``thief_augmented`` and
+            ``method.thief_augment`` on, each of them also once more with the thief's
+            augmentation, named ``<architecture>+thief_augment``), which the generator never saw
             (``epochs: 0`` or no seeds = none), and record them as controls ``heldout_0..``
             (their architectures in ``release.json`` ``heldout_architectures``): the clean models inside the
             training loop are blind to the mark by construction, so only models outside it can
@@ -164,13 +166,15 @@ class XMarkRelease(Callback):
         self.batch_size = int(batch_size)
         held = heldout_control or {}
         held = OmegaConf.to_container(held, resolve=True) if isinstance(held, DictConfig) else dict(held)
-        unknown = sorted(set(held) - {"epochs", "seeds", "lr", "proxy_families"})
+        fields = ("epochs", "seeds", "lr", "proxy_families", "thief_augmented")
+        unknown = sorted(set(held) - set(fields))
         if unknown:
             raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} "
-                             "(epochs, seeds, lr, proxy_families)")
+                             f"({', '.join(fields)})")
         self.heldout_control = {"epochs": int(held.get("epochs", 0)), "seeds": [int(v) for v in held.get("seeds", [])],
                                 "lr": float(held.get("lr", 1e-3)),
-                                "proxy_families": bool(held.get("proxy_families", False))}
+                                "proxy_families": bool(held.get("proxy_families", False)),
+                                "thief_augmented": bool(held.get("thief_augmented", False))}
         if self.heldout_control["epochs"] < 0:
             raise ValueError("callbacks.xmark_release.heldout_control.epochs must be >= 0")
         self.control_checkpoints = [str(p) for p in (control_checkpoints or [])]
@@ -189,16 +193,20 @@ class XMarkRelease(Callback):
         models = []
         self.heldout_architectures: list[str] = []
         epochs = self.heldout_control["epochs"]
+        augmentations = {"": None}
+        if self.heldout_control["thief_augmented"] and hasattr(pl_module, "heldout_augmentations"):
+            augmentations = pl_module.heldout_augmentations()
         for seed in self.heldout_control["seeds"] if epochs > 0 else []:
             for family, backbone in self.heldout_families(pl_module).items():
-                started = time.time()
-                models.append(pl_module.train_heldout_control(
-                    datamodule.train_dataloader(), epochs, seed, self.heldout_control["lr"], backbone,
-                    desc=f"held-out control {len(models)} ({family}, seed {seed})"))
-                name = (backbone or {}).get("name") or getattr(models[-1], "name", None) or family
-                self.heldout_architectures.append(str(name))
-                log.info("held-out control %d: %s (%s, seed %d) trained %d epochs on the clean training split in %.0f s",
-                         len(models) - 1, family, name, seed, epochs, time.time() - started)
+                for suffix, augment in augmentations.items():
+                    started = time.time()
+                    models.append(pl_module.train_heldout_control(
+                        datamodule.train_dataloader(), epochs, seed, self.heldout_control["lr"], backbone,
+                        desc=f"held-out control {len(models)} ({family}{suffix}, seed {seed})", augment=augment))
+                    name = (backbone or {}).get("name") or getattr(models[-1], "name", None) or family
+                    self.heldout_architectures.append(f"{name}{suffix}")
+                    log.info("held-out control %d: %s (%s%s, seed %d) trained %d epochs on the clean training split "
+                             "in %.0f s", len(models) - 1, family, name, suffix, seed, epochs, time.time() - started)
         for i, path in enumerate(self.control_checkpoints):
             try:
                 model, _ = load_model_checkpoint(path, task="classification")

@@ -268,7 +268,7 @@ class XMarkModule(TaskModule):
         return int(self.iterations) < self.hparams.warmup_steps
 
     def train_heldout_control(self, loader, epochs: int, seed: int, lr: float, backbone: dict | None = None,
-                              desc: str = "held-out control") -> nn.Module:
+                              desc: str = "held-out control", augment: dict | None = None) -> nn.Module:
         """A clean classifier the generator never saw: the surrogate's (or ``backbone``'s) architecture, fresh weights.
 
         The suppression terms keep *the clean models they are trained against* blind to the
@@ -283,6 +283,9 @@ class XMarkModule(TaskModule):
             backbone: backbone config of the model (:meth:`heldout_families`); None = the surrogate's.
             desc: label of the progress bar (epochs x batches; drawn only on a terminal, tqdm's
                 ``disable=None``). No secret goes into it.
+            augment: ``{hflip, zoom}`` -- train on every batch through
+                :func:`datamodules.transforms.thief_augment` (an innocent party's usual pipeline,
+                :meth:`heldout_augmentations`); None = the batches as they come.
         Returns:
             the trained model, on the CPU, in eval mode, frozen.
         """
@@ -295,7 +298,8 @@ class XMarkModule(TaskModule):
             with tqdm(total=int(epochs) * len(loader), desc=desc, unit="batch", disable=None, leave=False) as bar:
                 for _ in range(int(epochs)):
                     for batch in loader:
-                        logits = model(batch["image"].to(device))
+                        images = batch["image"].to(device)
+                        logits = model(thief_augment_fn(images, **augment) if augment else images)
                         loss = nn.functional.cross_entropy(logits, batch["label"].to(device).long())
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
@@ -315,6 +319,19 @@ class XMarkModule(TaskModule):
         """Backbone configs of held-out controls: the surrogate's architecture and each extra proxy family."""
         return {"surrogate": copy.deepcopy(self.surrogate_config),
                 **{name: copy.deepcopy(cfg) for name, cfg in self.hparams.extra_proxies.items()}}
+
+    def heldout_augmentations(self) -> dict[str, dict | None]:
+        """How held-out controls are trained: ``{"": None}`` (the batches as they come), plus
+        ``{"+thief_augment": settings}`` when ``method.thief_augment`` is on.
+
+        A generator trained against the thief's augmentation is checked against clean models of
+        both kinds: an innocent party trains with that pipeline too, and models trained with and
+        without it answer differently to a transferable δ (docs/xmark.md).
+        """
+        augment = self.hparams.thief_augment
+        if float(augment["hflip"]) == 0.0 and list(map(float, augment["zoom"])) == [1.0, 1.0]:
+            return {"": None}
+        return {"": None, "+thief_augment": dict(augment)}
 
     @property
     def total_iterations(self) -> int | None:

@@ -148,6 +148,48 @@ def test_thief_augmentation_reaches_the_proxies_and_the_rescaled_term_only(tmp_p
     assert (marked_view - batch["image"].flip(-1)).abs().max() > 0.5
 
 
+@pytest.mark.parametrize("hflip, thief_augmented, expected", [
+    (1.0, True, ["small_cnn", "small_cnn+thief_augment", "small_cnn", "small_cnn+thief_augment"]),
+    (1.0, False, ["small_cnn", "small_cnn"]),  # the release's switch off: plain controls only
+    (0.0, True, ["small_cnn", "small_cnn"]),  # method.thief_augment off: nothing to add
+])
+def test_heldout_controls_also_train_with_the_thief_augmentation(tmp_path, monkeypatch, hflip, thief_augmented,
+                                                                  expected):
+    """With method.thief_augment on, each held-out control is trained twice: on the batches as they come
+    and through the thief's pipeline (an innocent party trains with it too); same seed, same architecture."""
+    import lightning_modules.xmark as xmark_module
+    from callbacks.xmark import XMarkRelease
+
+    single = [o for o in TINY_ENSEMBLE if "extra_proxies" not in o]
+    module, _ = build_module(single + [f"method.thief_augment.hflip={hflip}"], tmp_path)
+    seen: list[list[torch.Tensor]] = []
+
+    def recording_instantiate(config, *args, **kwargs):
+        model = instantiate(config, *args, **kwargs)
+        inputs: list[torch.Tensor] = []
+        seen.append(inputs)
+        model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+        return model
+
+    monkeypatch.setattr(xmark_module, "instantiate", recording_instantiate)
+    torch.manual_seed(3)
+    batch = {"image": torch.rand(4, 1, 32, 32), "label": torch.tensor([0, 1, 0, 1])}
+    datamodule = type("DM", (), {"train_dataloader": lambda self: [batch]})()
+    release = XMarkRelease(output_dir=".", release_dir="r", owner_dir="o", data={}, fraction=1.0, seed=5,
+                           verification={"split": "test", "num_images": 4, "seed": 1},
+                           thresholds={"tau": 0.2, "alpha": 0.01}, owner_id="t",
+                           heldout_control={"epochs": 1, "seeds": [1, 2], "thief_augmented": thief_augmented})
+    models = release.heldout_models(module, datamodule)
+    assert release.heldout_architectures == expected and len(models) == len(expected) == len(seen)
+    for name, inputs in zip(expected, seen):
+        assert len(inputs) == 1  # one epoch of one batch
+        view = batch["image"].flip(-1) if name.endswith("+thief_augment") else batch["image"]
+        assert torch.equal(inputs[0], view)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['thief_augment'\].*thief_augmented"):
+        XMarkRelease(output_dir=".", release_dir="r", owner_dir="o", data={}, fraction=1.0, seed=5,
+                     verification={}, thresholds={}, owner_id="t", heldout_control={"thief_augment": True})
+
+
 def _fit(tmp_path: Path, name: str, extra: list[str], monkeypatch) -> tuple[object, dict]:
     """A real ``train.py`` run in-process; the X-Mark module it trained and its ``release.json``."""
     import utils.run as run_module
