@@ -57,8 +57,10 @@ and per validation epoch: the proxy's task metrics on clean images (``val/balanc
 ``val/wsr_references`` (max over clean models), ``val/delta_p_proxy``,
 ``val/delta_p_surrogate``, image quality ``val/psnr``, ``val/ssim`` (torchmetrics) and
 ``val/lpips`` (when an ``lpips`` term is configured), ``val/linf`` (max |x_w − x|) and
-``val/xmark_score`` = min over proxies of their WSR − wsr_references (checkpoint selection). WSR = share of
-marked non-target images classified as y_t.
+``val/xmark_score`` = min over proxies of their ΔP − max over the clean models of theirs (checkpoint
+selection and sweeps; ΔP = mean rise of p(y_t) from x to x_w on non-target images, the verifier's
+statistic: a WSR-based score rewarded a proxy that answers y_t to every image, marked or not).
+WSR = share of marked non-target images classified as y_t.
 """
 
 from __future__ import annotations
@@ -541,7 +543,7 @@ class XMarkModule(TaskModule):
             m = int(keep.sum())
             kw = dict(on_step=False, on_epoch=True, batch_size=m)
             t = self.target_class
-            proxy_wsr = []
+            proxy_delta_p = []
             for name, proxy in self.proxies().items():
                 proxy_w = torch.softmax(proxy(marked[keep]), 1)
                 proxy_b = torch.softmax(proxy(images[keep]), 1)
@@ -550,15 +552,16 @@ class XMarkModule(TaskModule):
                 suffix = "" if name == "backbone" else f"/{name}"
                 self.log(f"{stage}/wsr_proxy{suffix}", wsr, **kw)
                 self.log(f"{stage}/delta_p_proxy{suffix}", delta_p, **kw)
-                proxy_wsr.append(wsr)
-            sur_w = torch.softmax(self.surrogate(marked[keep]), 1)
-            sur_b = torch.softmax(self.surrogate(images[keep]), 1)
-            self.log(f"{stage}/wsr_surrogate", (sur_w.argmax(1) == t).float().mean(), **kw)
-            self.log(f"{stage}/delta_p_surrogate", (sur_w[:, t] - sur_b[:, t]).mean(), **kw)
-            wsr_refs = torch.stack([(r(marked[keep]).argmax(1) == t).float().mean() for r in self.clean_models()])
+                proxy_delta_p.append(delta_p)
+            clean_w = [torch.softmax(r(marked[keep]), 1) for r in self.clean_models()]  # surrogate first
+            clean_b = [torch.softmax(r(images[keep]), 1) for r in self.clean_models()]
+            clean_delta_p = torch.stack([(w[:, t] - b[:, t]).mean() for w, b in zip(clean_w, clean_b)])
+            self.log(f"{stage}/wsr_surrogate", (clean_w[0].argmax(1) == t).float().mean(), **kw)
+            self.log(f"{stage}/delta_p_surrogate", clean_delta_p[0], **kw)
+            wsr_refs = torch.stack([(w.argmax(1) == t).float().mean() for w in clean_w])
             self.log(f"{stage}/wsr_references", wsr_refs.max(), **kw)
-            # every family must learn the mark: the weakest proxy counts
-            self.log(f"{stage}/xmark_score", torch.stack(proxy_wsr).min() - wsr_refs.max(), **kw)
+            # every family must learn the mark (the weakest proxy counts) and no clean model may answer to it
+            self.log(f"{stage}/xmark_score", torch.stack(proxy_delta_p).min() - clean_delta_p.max(), **kw)
         if stage == "val" and batch_idx == 0:
             k = self.hparams.panel_size
             self.xmark_panel = {

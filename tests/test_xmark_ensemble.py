@@ -190,6 +190,63 @@ def test_heldout_controls_also_train_with_the_thief_augmentation(tmp_path, monke
                      verification={}, thresholds={}, owner_id="t", heldout_control={"thief_augment": True})
 
 
+class _ConstantTarget(torch.nn.Module):
+    """Answers y_t = 1 to every image, marked or not: WSR 1, ΔP 0."""
+
+    def forward(self, x):
+        return torch.tensor([0.0, 10.0]).expand(len(x), 2)
+
+
+class _MarkDetector(torch.nn.Module):
+    """Answers y_t exactly when the image differs from ``clean`` (B×C×H×W): p(y_t) 0.5 on x, ≈ 1 on x_w."""
+
+    def __init__(self, clean: torch.Tensor):
+        super().__init__()
+        self.clean = clean
+
+    def forward(self, x):
+        shift = (x - self.clean).abs().flatten(1).mean(1)
+        return torch.stack([torch.zeros_like(shift), 1e4 * shift], 1)
+
+
+def test_checkpoint_score_rewards_delta_p_not_a_proxy_that_always_answers_the_target(tmp_path, monkeypatch):
+    """val/xmark_score follows the verifier's ΔP: a proxy saying y_t to everything (WSR 1) scores ≤ 0,
+    one that answers to δ only scores ≈ 0.5; the weakest proxy of the ensemble counts."""
+    module, _ = build_module(TINY_ENSEMBLE, tmp_path)
+    module.eval()
+    module.iterations.fill_(module.hparams.warmup_steps)  # past warm-up: the mark is scored
+    torch.manual_seed(4)
+    batch = {"image": torch.rand(6, 1, 32, 32), "label": torch.zeros(6, dtype=torch.long), "id": [f"i{k}" for k in range(6)]}
+    logged: dict[str, object] = {}  # the task metrics log torchmetrics objects: kept out below
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+
+    def score_with(**proxies) -> dict[str, float]:
+        for name, proxy in proxies.items():
+            if name == "backbone":
+                module.model = proxy
+            else:
+                module.extra_proxies[name] = proxy
+        logged.clear()
+        with torch.no_grad():
+            module._eval_step(batch, 0, "val")
+        return {k: float(v) for k, v in logged.items() if isinstance(v, (float, torch.Tensor))}
+
+    every_proxy = {"resnet18": _MarkDetector(batch["image"]), "cnn_b": _MarkDetector(batch["image"])}
+    detecting = score_with(backbone=_MarkDetector(batch["image"]), **every_proxy)
+    assert detecting["val/delta_p_proxy"] == pytest.approx(0.5, abs=0.01)
+    clean = detecting["val/delta_p_proxy"] - detecting["val/xmark_score"]  # max ΔP over the clean models
+    assert clean >= detecting["val/delta_p_surrogate"] - 1e-6 and abs(clean) < 0.2
+    assert detecting["val/xmark_score"] > 0.3
+    constant = score_with(backbone=_ConstantTarget())
+    assert constant["val/wsr_proxy"] == 1.0 and constant["val/delta_p_proxy"] == pytest.approx(0.0, abs=1e-6)
+    assert constant["val/xmark_score"] == pytest.approx(-clean, abs=1e-5)  # the weakest proxy: ΔP 0
+    assert constant["val/xmark_score"] < detecting["val/xmark_score"] - 0.3
+    module.clean_twins["cnn_b"] = _MarkDetector(batch["image"])  # a clean model (not the surrogate) answers to δ
+    transferable = score_with(backbone=_MarkDetector(batch["image"]))
+    assert transferable["val/delta_p_proxy"] == pytest.approx(0.5, abs=0.01)
+    assert transferable["val/xmark_score"] == pytest.approx(0.0, abs=0.01)
+
+
 def _fit(tmp_path: Path, name: str, extra: list[str], monkeypatch) -> tuple[object, dict]:
     """A real ``train.py`` run in-process; the X-Mark module it trained and its ``release.json``."""
     import utils.run as run_module
