@@ -117,12 +117,13 @@ class ProtectionExport(Callback):
         self.data = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         self.split = split
         self.num_panel = num_panel
+        self._checked = False  # the split's pre-check runs once, at the first setup (fit, then test, ...)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # before any training or protection: the export checks the same at the end (check_originals),
         # after every image has been protected
         datamodule = trainer.datamodule
-        if getattr(self, "_checked", False) or datamodule is None or self.split not in getattr(datamodule, "splits", {}):
+        if self._checked or datamodule is None or self.split not in getattr(datamodule, "splits", {}):
             return
         check_protectable(datamodule.splits[self.split], int(datamodule.image_size), int(datamodule.channels))
         self._checked = True
