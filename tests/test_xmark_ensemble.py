@@ -216,7 +216,8 @@ def test_checkpoint_score_rewards_delta_p_not_a_proxy_that_always_answers_the_ta
     module.eval()
     module.iterations.fill_(module.hparams.warmup_steps)  # past warm-up: the mark is scored
     torch.manual_seed(4)
-    batch = {"image": torch.rand(6, 1, 32, 32), "label": torch.zeros(6, dtype=torch.long), "id": [f"i{k}" for k in range(6)]}
+    batch = {"image": torch.rand(6, 1, 32, 32), "label": torch.zeros(6, dtype=torch.long),
+             "id": [f"i{k}" for k in range(6)]}
     logged: dict[str, object] = {}  # the task metrics log torchmetrics objects: kept out below
     monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
 
