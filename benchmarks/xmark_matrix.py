@@ -10,7 +10,8 @@ usual augmentation: horizontal flip 0.5 and a random zoom to a 0.9 crop, then th
 
 and each is checked with the real verification protocol of ``verify.py``
 (:func:`benchmarks._study.run_verify` -> :mod:`verification.xmark`; the hypothesis test is not
-re-implemented here). Per cell: ΔP, p, WSR, benign balanced accuracy (clean test split) and the
+re-implemented here). An Ind-M suspect is trained once per clean source and settings and verified
+against each release's own secret (``--work`` keeps suspects between runs). Per cell: ΔP, p, WSR, benign balanced accuracy (clean test split) and the
 verdict. Writes into ``--out``: ``xmark_matrix.json`` (every cell + a per-architecture summary),
 ``xmark_matrix.md`` (table) and ``xmark_matrix.png`` (heat map of ΔP, verdicts annotated); prints
 the JSON. Without ``--release`` it first trains a small release of its own (32 px synthetic data).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -90,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="suspect/query size (null = the marking size)")
     parser.add_argument("--no-augment", action="store_true", help="suspects without the thief's augmentation")
     parser.add_argument("--out", default=str(ROOT / "logs" / "xmark_matrix"), help="folder of JSON/MD/PNG")
-    parser.add_argument("--work", default=None, help="folder of suspect runs (default: a temporary folder)")
+    parser.add_argument("--work", default=None, help="folder of suspect runs (default: a temporary folder); a suspect trained to the end there with "
+                        "the same settings is reused, so an Ind-M suspect serves every release of its source")
     parser.add_argument("--tiny", action="store_true", help="smoke mode: tiny release, one small CNN, 2 epochs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -139,16 +142,47 @@ def suspect_overrides(args: argparse.Namespace, arch: str, seed: int, root: Path
     return overrides
 
 
+def suspect_folder(scenario: str, arch: str, seed: int, root: Path, overrides: list[str], release: Path) -> str:
+    """The work folder's name of one suspect, a key of everything its training depends on.
+
+    An Ind-M suspect depends only on the clean source and the training settings, so every release
+    made from one source shares it (trained once, verified against each release's own secret); a
+    Mal suspect also on the release itself (its ``release.json``, so a release re-made into the same
+    folder gets new suspects). The key is a hash: no secret goes into it.
+    """
+    identity = {"root": str(root), "overrides": overrides}
+    if scenario == "mal":
+        identity["release"] = hashlib.sha256((release / "release.json").read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{scenario}_{arch}_s{seed}_{key}"
+
+
+def finished_suspect(folder: Path) -> dict[str, Any] | None:
+    """The ``summary.json`` of a suspect trained to the end in ``folder`` whose checkpoint is still there."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    checkpoint = summary.get("best_checkpoint") or summary.get("last_checkpoint")
+    return summary if checkpoint and Path(checkpoint).is_file() else None
+
+
 def run_cell(args, release: Path, arch: str, seed: int, scenario: str, work: Path) -> dict[str, Any]:
-    """Train one suspect and verify it; the cell's numbers (never the secret's ids)."""
+    """Train one suspect (or reuse the one trained alike in ``work``) and verify it; the cell's numbers
+    (never the secret's ids)."""
     report = json.loads((release / "release.json").read_text())
     root = Path(report["release_dir"]) if scenario == "mal" else Path(report["source"])
     secret = release / "owner" / "secret.json"
     marking_size = int(json.loads(secret.read_text())["marker"]["image_size"])
     size = int(args.image_size or marking_size)
     name = f"{release.name}_{arch}_s{seed}_{scenario}"
+    overrides = suspect_overrides(args, arch, seed, root, size)
+    folder = work / "suspects" / suspect_folder(scenario, arch, seed, root, overrides, release)
     started = time.time()
-    summary = train(suspect_overrides(args, arch, seed, root, size), work / "suspects" / name, work / "data")
+    summary = finished_suspect(folder)
+    reused = summary is not None
+    if not reused:
+        summary = train(overrides, folder, work / "data")
     train_seconds = time.time() - started
     checkpoint = summary.get("best_checkpoint") or summary.get("last_checkpoint")
     overrides = [f"secret={secret}", f"suspect={checkpoint}", f"paths.data_dir={work / 'data'}", "quiet=true",
@@ -157,11 +191,13 @@ def run_cell(args, release: Path, arch: str, seed: int, scenario: str, work: Pat
         overrides.append(f"data.image_size={size}")
     code, doc, error = run_verify(overrides, work / "verify" / name)
     cell = {"release": release.name, "arch": arch, "seed": seed, "scenario": scenario, "exit_code": code,
-            "train_seconds": round(train_seconds, 1), "error": error, **evidence(doc, "xmark")}
+            "train_seconds": round(train_seconds, 1), "suspect_reused": reused, "error": error,
+            **evidence(doc, "xmark")}
     if doc is not None:
         cell.update({"benign_accuracy": doc.get("benign_accuracy"), "control_fails": doc.get("control_fails")})
     print(f"[xmark_matrix] {name}: " + ", ".join(f"{k}={fmt(cell.get(k))}" for k in
-          ("verified", "p_value", "delta_p", "wsr", "benign_accuracy", "train_seconds")), file=sys.stderr, flush=True)
+          ("verified", "p_value", "delta_p", "wsr", "benign_accuracy", "train_seconds", "suspect_reused")),
+          file=sys.stderr, flush=True)
     return cell
 
 

@@ -306,3 +306,53 @@ def test_matrix_tiny_writes_json_markdown_and_heat_map(tmp_path):
     table = (out / "xmark_matrix.md").read_text()
     assert "| ΔP | p | WSR | benign BA | verdict |" in table and "Ind-M" in table
     assert (out / "xmark_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_release(folder: Path, source: Path) -> Path:
+    (folder / "owner").mkdir(parents=True)
+    (folder / "owner" / "secret.json").write_text(json.dumps({"marker": {"image_size": 32}}))
+    (folder / "release.json").write_text(json.dumps({"release_dir": str(folder / "released"), "source": str(source),
+                                                     "made_at": folder.name}))
+    return folder
+
+
+def test_matrix_trains_an_ind_m_suspect_once_per_source_and_a_mal_suspect_per_release(tmp_path, monkeypatch):
+    """Ind-M suspects do not depend on the release: two releases of one source share them; Mal ones do not,
+    and a suspect whose training did not finish (no checkpoint) is trained again."""
+    from benchmarks import xmark_matrix
+
+    trained, verified = [], []
+
+    def fake_train(overrides, output_dir, data_dir):
+        trained.append((output_dir.name, [o for o in overrides if o.startswith("data.root=")][0]))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = output_dir / "best.ckpt"
+        checkpoint.write_bytes(b"weights")
+        summary = {"best_checkpoint": str(checkpoint)}
+        (output_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    def fake_verify(overrides, output_dir):
+        verified.append(overrides[:2])
+        return 0, {"verified": False, "p_value": 1.0, "delta_p": 0.0, "wsr": 0.0, "benign_accuracy": 0.5}, None
+
+    monkeypatch.setattr(xmark_matrix, "train", fake_train)
+    monkeypatch.setattr(xmark_matrix, "run_verify", fake_verify)
+    args = xmark_matrix.parse_args(["--release", "unused", "--archs", "small_cnn", "--seeds", "42"])
+    source = tmp_path / "source"
+    first, second = _fake_release(tmp_path / "first", source), _fake_release(tmp_path / "second", source)
+    work = tmp_path / "work"
+    cells = [xmark_matrix.run_cell(args, release, "small_cnn", 42, scenario, work)
+             for release in (first, second) for scenario in ("mal", "indm")]
+    assert [c["suspect_reused"] for c in cells] == [False, False, False, True]
+    assert [root for _, root in trained] == [f"data.root={first / 'released'}", f"data.root={source}",
+                                             f"data.root={second / 'released'}"]
+    # each release's own secret verifies the shared Ind-M suspect
+    assert verified[1][1] == verified[3][1] and verified[1][0] != verified[3][0]
+    assert verified[3][0] == f"secret={second / 'owner' / 'secret.json'}"
+    # another seed is another suspect; a lost checkpoint is retrained, not verified as missing
+    xmark_matrix.run_cell(args, second, "small_cnn", 7, "indm", work)
+    assert len(trained) == 4 and trained[-1][0].startswith("indm_small_cnn_s7_")
+    (work / "suspects" / trained[1][0] / "best.ckpt").unlink()
+    assert xmark_matrix.run_cell(args, first, "small_cnn", 42, "indm", work)["suspect_reused"] is False
+    assert len(trained) == 5 and trained[-1] == trained[1]
