@@ -356,3 +356,33 @@ def test_matrix_trains_an_ind_m_suspect_once_per_source_and_a_mal_suspect_per_re
     (work / "suspects" / trained[1][0] / "best.ckpt").unlink()
     assert xmark_matrix.run_cell(args, first, "small_cnn", 42, "indm", work)["suspect_reused"] is False
     assert len(trained) == 5 and trained[-1] == trained[1]
+
+
+@pytest.mark.parametrize("backbone, surrogate, covered", [
+    ("resnet18", ["+backbone@method.surrogate_backbone=small_cnn"], ["backbone"]),  # another architecture
+    ("small_cnn", ["+backbone@method.surrogate_backbone=small_cnn"], []),  # the same architecture, own config
+    ("small_cnn", [], []),  # the surrogate is the backbone's config
+])
+def test_a_main_proxy_unlike_the_surrogate_gets_a_clean_twin_and_held_out_controls(tmp_path, backbone, surrogate,
+                                                                                  covered):
+    """The Ind-M term and the controls cover the main proxy's architecture when the surrogate does not
+    (a ResNet18 proxy beside a small-CNN surrogate left clean ResNet18s answering to δ)."""
+    from callbacks.xmark import XMarkRelease
+
+    base = [o for o in TINY_ENSEMBLE if "extra_proxies" not in o] + [f"backbone={backbone}"] + surrogate
+    module, cfg = build_module(base, tmp_path)
+    assert sorted(module.clean_twins) == covered
+    assert len(module.clean_models()) == 1 + len(covered)  # surrogate + twins in the suppression term
+    if covered:
+        assert module.clean_twins["backbone"] is not module.model
+        assert type(module.clean_twins["backbone"]) is type(module.model)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.callbacks.xmark_release, resolve=True).items()
+                if not k.startswith("_")}
+    release = XMarkRelease(**{**settings, "heldout_control": {"epochs": 1, "seeds": [1], "proxy_families": True}})
+    names = [(c or {}).get("name") for c in release.heldout_families(module).values()]
+    assert names == ["small_cnn"] + (["resnet18"] if covered else [])
+    uncovered, _ = build_module(base + ["method.indm_covers_proxy_families=false"], tmp_path)
+    assert len(uncovered.clean_twins) == 0 and list(uncovered.heldout_families()) == ["surrogate", *covered]
+    if covered:
+        with pytest.raises(Exception, match=r"clean twins of \['backbone'\].*warmup_steps must be >= 1"):
+            build_module(base + ["method.warmup_steps=0"], tmp_path)
