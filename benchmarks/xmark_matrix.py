@@ -11,10 +11,10 @@ usual augmentation: horizontal flip 0.5 and a random zoom to a 0.9 crop, then th
 and each is checked with the real verification protocol of ``verify.py``
 (:func:`benchmarks._study.run_verify` -> :mod:`verification.xmark`; the hypothesis test is not
 re-implemented here). An Ind-M suspect is trained once per clean source and settings and verified
-against each release's own secret (``--work`` keeps suspects between runs). Per cell: ΔP, p, WSR, benign balanced accuracy (clean test split) and the
-verdict. Writes into ``--out``: ``xmark_matrix.json`` (every cell + a per-architecture summary),
-``xmark_matrix.md`` (table) and ``xmark_matrix.png`` (heat map of ΔP, verdicts annotated); prints
-the JSON. Without ``--release`` it first trains a small release of its own (32 px synthetic data).
+against each release's own secret (``--work`` keeps suspects between runs). Per cell: ΔP, p, WSR,
+benign balanced accuracy (clean test split) and the verdict. Writes into ``--out``:
+``xmark_matrix.json`` (every cell + a per-architecture summary), ``xmark_matrix.md`` (table) and
+``xmark_matrix.png`` (heat map of ΔP, verdicts annotated); prints the JSON. Without ``--release`` it first trains a small release of its own (32 px synthetic data).
 
     python benchmarks/xmark_matrix.py                           # own small release, small CNN + ResNet18, 1 seed
     python benchmarks/xmark_matrix.py --tiny --out /tmp/m      # seconds: the smoke test
@@ -92,8 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="suspect/query size (null = the marking size)")
     parser.add_argument("--no-augment", action="store_true", help="suspects without the thief's augmentation")
     parser.add_argument("--out", default=str(ROOT / "logs" / "xmark_matrix"), help="folder of JSON/MD/PNG")
-    parser.add_argument("--work", default=None, help="folder of suspect runs (default: a temporary folder); a suspect trained to the end there with "
-                        "the same settings is reused, so an Ind-M suspect serves every release of its source")
+    parser.add_argument("--work", default=None,
+                        help="folder of suspect runs (default: a temporary folder); a suspect trained to the end "
+                             "there with the same settings is reused, so an Ind-M suspect serves every release "
+                             "of its source")
     parser.add_argument("--tiny", action="store_true", help="smoke mode: tiny release, one small CNN, 2 epochs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)

@@ -17,8 +17,9 @@ Three kinds of network live in :class:`XMarkModule`:
   generator step, drawn with probabilities ∝ ``proxy_weights``). No extra proxy = the
   single-proxy X-Mark;
 * ``clean_twins`` -- one clean classifier per extra proxy family (and one of the main proxy's
-  architecture when it is not the surrogate's), trained on clean batches during warm-up and then frozen, so the Ind-M suppression term and the release's controls
-  cover every family the generator learns against (``indm_covers_proxy_families``);
+  architecture when it is not the surrogate's), trained on clean batches during warm-up and then
+  frozen, so the Ind-M suppression term and the release's controls cover every family the
+  generator learns against (``indm_covers_proxy_families``);
 * ``surrogate`` and ``references`` -- frozen *clean* classifiers. The surrogate gives the
   EigenCAM saliency s (cached on disk, :class:`watermark.xmark.saliency.SaliencyCache`) and, with
   the references, the Ind-M suppression term (marked non-target images must stay correctly
@@ -256,7 +257,8 @@ class XMarkModule(TaskModule):
         if twin_configs and int(warmup_steps) < 1:
             raise ValueError(f"method.indm_covers_proxy_families trains clean twins of {sorted(twin_configs)} during "
                              "warm-up: method.warmup_steps must be >= 1")
-        self.clean_twins = nn.ModuleDict({name: instantiate(_no_pretrained(cfg)) for name, cfg in twin_configs.items()})
+        self.clean_twins = nn.ModuleDict(
+            {name: instantiate(_no_pretrained(cfg)) for name, cfg in twin_configs.items()})
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self.generator_updates = 0  # generator optimiser steps taken by this process (not saved)
         self._saliency_cache: SaliencyCache | None = None
