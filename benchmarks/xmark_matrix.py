@@ -14,7 +14,8 @@ re-implemented here). An Ind-M suspect is trained once per clean source and sett
 against each release's own secret (``--work`` keeps suspects between runs). Per cell: ΔP, p, WSR,
 benign balanced accuracy (clean test split) and the verdict. Writes into ``--out``:
 ``xmark_matrix.json`` (every cell + a per-architecture summary), ``xmark_matrix.md`` (table) and
-``xmark_matrix.png`` (heat map of ΔP, verdicts annotated); prints the JSON. Without ``--release`` it first trains a small release of its own (32 px synthetic data).
+``xmark_matrix.png`` (heat map of ΔP, verdicts annotated); prints the JSON. Without ``--release``
+it first trains a small release of its own (32 px synthetic data).
 
     python benchmarks/xmark_matrix.py                           # own small release, small CNN + ResNet18, 1 seed
     python benchmarks/xmark_matrix.py --tiny --out /tmp/m      # seconds: the smoke test
