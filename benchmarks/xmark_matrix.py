@@ -10,7 +10,7 @@ usual augmentation: horizontal flip 0.5 and a random zoom to a 0.9 crop, then th
 
 and each is checked with the real verification protocol of ``verify.py``
 (:func:`benchmarks._study.run_verify` -> :mod:`verification.xmark`; the hypothesis test is not
-re-implemented here). An Ind-M suspect is trained once per clean source and settings and verified
+re-implemented here). An Ind-M suspect is trained once per clean source (and its contents) and settings and verified
 against each release's own secret (``--work`` keeps suspects between runs). Per cell: ΔP, p, WSR,
 benign balanced accuracy (clean test split) and the verdict. Writes into ``--out``:
 ``xmark_matrix.json`` (every cell + a per-architecture summary), ``xmark_matrix.md`` (table) and
@@ -145,15 +145,37 @@ def suspect_overrides(args: argparse.Namespace, arch: str, seed: int, root: Path
     return overrides
 
 
+def data_fingerprint(root: Path) -> str:
+    """A hash of what a suspect's training reads from ``root``: every CSV's bytes and every other
+    file's relative path, size and modification time.
+
+    A source relabelled, re-exported or extended in place gets new suspects; a copy of it (new
+    modification times) costs a retrain, never a stale reuse. Stat calls only for the images: a
+    CheXpert-sized folder is seconds, not a read of every file.
+    """
+    digest = hashlib.sha256()
+    files = sorted(path for path in root.rglob("*") if path.is_file()) if root.is_dir() else []
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        if path.suffix.lower() == ".csv":
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            stat = path.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def suspect_folder(scenario: str, arch: str, seed: int, root: Path, overrides: list[str], release: Path) -> str:
     """The work folder's name of one suspect, a key of everything its training depends on.
 
-    An Ind-M suspect depends only on the clean source and the training settings, so every release
-    made from one source shares it (trained once, verified against each release's own secret); a
-    Mal suspect also on the release itself (its ``release.json``, so a release re-made into the same
-    folder gets new suspects). The key is a hash: no secret goes into it.
+    An Ind-M suspect depends only on the clean source (its path and :func:`data_fingerprint`) and
+    the training settings, so every release made from one source shares it (trained once, verified
+    against each release's own secret); a Mal suspect also on the release itself (its
+    ``release.json``, so a release re-made into the same folder gets new suspects). The key is a
+    hash: no secret goes into it.
     """
-    identity = {"root": str(root), "overrides": overrides}
+    identity = {"root": str(root), "data": data_fingerprint(root), "overrides": overrides}
     if scenario == "mal":
         identity["release"] = hashlib.sha256((release / "release.json").read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]

@@ -356,6 +356,17 @@ def test_matrix_trains_an_ind_m_suspect_once_per_source_and_a_mal_suspect_per_re
     (work / "suspects" / trained[1][0] / "best.ckpt").unlink()
     assert xmark_matrix.run_cell(args, first, "small_cnn", 42, "indm", work)["suspect_reused"] is False
     assert len(trained) == 5 and trained[-1] == trained[1]
+    # the same source path with other contents (relabelled, an image re-exported) is another suspect
+    source.mkdir()
+    (source / "train.csv").write_text("Path,Lung Opacity\nimage_0.png,1\n")
+    (source / "image_0.png").write_bytes(b"png")
+    indm = [xmark_matrix.run_cell(args, first, "small_cnn", 42, "indm", work)["suspect_reused"] for _ in range(2)]
+    assert indm == [False, True] and len(trained) == 6 and trained[-1][0] != trained[1][0]
+    (source / "train.csv").write_text("Path,Lung Opacity\nimage_0.png,0\n")  # same size, one label flipped
+    assert xmark_matrix.run_cell(args, first, "small_cnn", 42, "indm", work)["suspect_reused"] is False
+    (source / "image_0.png").write_bytes(b"png, re-exported")
+    assert xmark_matrix.run_cell(args, first, "small_cnn", 42, "indm", work)["suspect_reused"] is False
+    assert len(trained) == 8 and len({name for name, _ in trained[-3:]}) == 3
 
 
 @pytest.mark.parametrize("backbone, surrogate, covered", [
