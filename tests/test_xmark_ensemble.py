@@ -236,6 +236,7 @@ def test_checkpoint_score_rewards_delta_p_not_a_proxy_that_always_answers_the_ta
     detecting = score_with(backbone=_MarkDetector(batch["image"]), **every_proxy)
     assert detecting["val/delta_p_proxy"] == pytest.approx(0.5, abs=0.01)
     clean = detecting["val/delta_p_proxy"] - detecting["val/xmark_score"]  # max ΔP over the clean models
+    assert detecting["val/delta_p_references"] == pytest.approx(clean, abs=1e-5)
     assert clean >= detecting["val/delta_p_surrogate"] - 1e-6 and abs(clean) < 0.2
     assert detecting["val/xmark_score"] > 0.3
     constant = score_with(backbone=_ConstantTarget())
@@ -246,6 +247,12 @@ def test_checkpoint_score_rewards_delta_p_not_a_proxy_that_always_answers_the_ta
     transferable = score_with(backbone=_MarkDetector(batch["image"]))
     assert transferable["val/delta_p_proxy"] == pytest.approx(0.5, abs=0.01)
     assert transferable["val/xmark_score"] == pytest.approx(0.0, abs=0.01)
+    assert transferable["val/delta_p_references"] == pytest.approx(0.5, abs=0.01)
+    # a clean model answering y_t to every image, marked or not: WSR 1, yet δ moves nothing
+    module.clean_twins["cnn_b"] = _ConstantTarget()
+    biased = score_with(backbone=_MarkDetector(batch["image"]))
+    assert biased["val/wsr_references"] == 1.0
+    assert biased["val/delta_p_references"] == pytest.approx(clean, abs=1e-5)
 
 
 def _fit(tmp_path: Path, name: str, extra: list[str], monkeypatch) -> tuple[object, dict]:
