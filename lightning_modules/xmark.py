@@ -56,7 +56,8 @@ and per validation epoch: the proxy's task metrics on clean images (``val/balanc
 = benign accuracy of a Mal-like model), ``val/wsr_proxy`` (the ``backbone`` proxy;
 ``val/wsr_proxy/<name>`` and ``val/delta_p_proxy/<name>`` per proxy), ``val/wsr_surrogate``,
 ``val/wsr_references`` (max over clean models), ``val/delta_p_proxy``,
-``val/delta_p_surrogate``, ``val/delta_p_references`` (max over clean models), image quality ``val/psnr``, ``val/ssim`` (torchmetrics) and
+``val/delta_p_surrogate``, ``val/delta_p_references`` (max over clean models), image quality
+``val/psnr``, ``val/ssim`` (torchmetrics) and
 ``val/lpips`` (when an ``lpips`` term is configured), ``val/linf`` (max |x_w − x|) and
 ``val/xmark_score`` = min over proxies of their ΔP − max over the clean models of theirs (checkpoint
 selection and sweeps; ΔP = mean rise of p(y_t) from x to x_w on non-target images, the verifier's
