@@ -55,9 +55,8 @@ Logged: every term (``train/loss/<name>`` for G, ``train_proxy/loss/<name>`` for
 and per validation epoch: the proxy's task metrics on clean images (``val/balanced_accuracy``
 = benign accuracy of a Mal-like model), ``val/wsr_proxy`` (the ``backbone`` proxy;
 ``val/wsr_proxy/<name>`` and ``val/delta_p_proxy/<name>`` per proxy), ``val/wsr_surrogate``,
-``val/wsr_references`` (max over clean models), ``val/delta_p_proxy``,
-``val/delta_p_surrogate``, ``val/delta_p_references`` (max over clean models), image quality
-``val/psnr``, ``val/ssim`` (torchmetrics) and
+``val/wsr_references`` and ``val/delta_p_references`` (max over clean models), ``val/delta_p_proxy``,
+``val/delta_p_surrogate``, image quality ``val/psnr``, ``val/ssim`` (torchmetrics) and
 ``val/lpips`` (when an ``lpips`` term is configured), ``val/linf`` (max |x_w − x|) and
 ``val/xmark_score`` = min over proxies of their ΔP − max over the clean models of theirs (checkpoint
 selection and sweeps; ΔP = mean rise of p(y_t) from x to x_w on non-target images, the verifier's
@@ -581,8 +580,6 @@ class XMarkModule(TaskModule):
             self.log(f"{stage}/delta_p_surrogate", clean_delta_p[0], **kw)
             wsr_refs = torch.stack([(w.argmax(1) == t).float().mean() for w in clean_w])
             self.log(f"{stage}/wsr_references", wsr_refs.max(), **kw)
-            # WSR counts y_t answers on marked images whatever the model says on clean ones: a weak clean
-            # twin calling most images y_t reads WSR 1 at ΔP 0. ΔP is the rise δ causes, what the verifier tests.
             self.log(f"{stage}/delta_p_references", clean_delta_p.max(), **kw)
             # every family must learn the mark (the weakest proxy counts) and no clean model may answer to it
             self.log(f"{stage}/xmark_score", torch.stack(proxy_delta_p).min() - clean_delta_p.max(), **kw)
