@@ -150,8 +150,8 @@ def data_fingerprint(root: Path) -> str:
     file's relative path, size and modification time.
 
     A source relabelled, re-exported or extended in place gets new suspects; a copy of it (new
-    modification times) costs a retrain, never a stale reuse. Stat calls only for the images: a
-    CheXpert-sized folder is seconds, not a read of every file.
+    modification times) costs a retrain, never a stale reuse. Stat calls only for the images, and
+    :func:`main` takes it once per folder and run (``fingerprints``), not once per matrix cell.
     """
     digest = hashlib.sha256()
     files = sorted(path for path in root.rglob("*") if path.is_file()) if root.is_dir() else []
@@ -166,16 +166,17 @@ def data_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def suspect_folder(scenario: str, arch: str, seed: int, root: Path, overrides: list[str], release: Path) -> str:
+def suspect_folder(scenario: str, arch: str, seed: int, root: Path, fingerprint: str, overrides: list[str],
+                   release: Path) -> str:
     """The work folder's name of one suspect, a key of everything its training depends on.
 
-    An Ind-M suspect depends only on the clean source (its path and :func:`data_fingerprint`) and
-    the training settings, so every release made from one source shares it (trained once, verified
-    against each release's own secret); a Mal suspect also on the release itself (its
+    An Ind-M suspect depends only on the clean source (its path and ``fingerprint``, the folder's
+    :func:`data_fingerprint`) and the training settings, so every release made from one source shares
+    it (trained once, verified against each release's own secret); a Mal suspect also on the release itself (its
     ``release.json``, so a release re-made into the same folder gets new suspects). The key is a
     hash: no secret goes into it.
     """
-    identity = {"root": str(root), "data": data_fingerprint(root), "overrides": overrides}
+    identity = {"root": str(root), "data": fingerprint, "overrides": overrides}
     if scenario == "mal":
         identity["release"] = hashlib.sha256((release / "release.json").read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
@@ -192,9 +193,11 @@ def finished_suspect(folder: Path) -> dict[str, Any] | None:
     return summary if checkpoint and Path(checkpoint).is_file() else None
 
 
-def run_cell(args, release: Path, arch: str, seed: int, scenario: str, work: Path) -> dict[str, Any]:
+def run_cell(args, release: Path, arch: str, seed: int, scenario: str, work: Path,
+             fingerprints: dict[Path, str] | None = None) -> dict[str, Any]:
     """Train one suspect (or reuse the one trained alike in ``work``) and verify it; the cell's numbers
-    (never the secret's ids)."""
+    (never the secret's ids). ``fingerprints``: training folder -> :func:`data_fingerprint`, filled as
+    folders are met; share one dict across the cells of one run (None: taken afresh for this cell)."""
     report = json.loads((release / "release.json").read_text())
     root = Path(report["release_dir"]) if scenario == "mal" else Path(report["source"])
     secret = release / "owner" / "secret.json"
@@ -202,7 +205,10 @@ def run_cell(args, release: Path, arch: str, seed: int, scenario: str, work: Pat
     size = int(args.image_size or marking_size)
     name = f"{release.name}_{arch}_s{seed}_{scenario}"
     overrides = suspect_overrides(args, arch, seed, root, size)
-    folder = work / "suspects" / suspect_folder(scenario, arch, seed, root, overrides, release)
+    fingerprints = {} if fingerprints is None else fingerprints
+    if root not in fingerprints:
+        fingerprints[root] = data_fingerprint(root)
+    folder = work / "suspects" / suspect_folder(scenario, arch, seed, root, fingerprints[root], overrides, release)
     started = time.time()
     summary = finished_suspect(folder)
     reused = summary is not None
@@ -324,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="xmark_matrix_") as tmp, contextlib.redirect_stdout(sys.stderr):
         work = Path(args.work) if args.work else Path(tmp)
         releases = [Path(r) for r in args.release] or [own_release(work, args.tiny)]
-        cells = [run_cell(args, release, arch, seed, scenario, work)
+        fingerprints: dict[Path, str] = {}  # the training folders do not change during a run
+        cells = [run_cell(args, release, arch, seed, scenario, work, fingerprints)
                  for release in releases for arch in args.archs for seed in args.seeds for scenario in args.scenarios]
         doc = {
             "benchmark": "xmark_matrix",

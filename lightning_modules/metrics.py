@@ -107,3 +107,17 @@ def build_metrics(task: str, prefix: str, num_classes: int) -> MetricCollection:
     if task == "segmentation":
         return SegmentationMetrics(prefix)
     return ClassificationMetrics(prefix, num_classes)
+
+
+def target_class_response(model: torch.nn.Module, marked: torch.Tensor, clean: torch.Tensor,
+                          target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a classifier answers a dataset mark on images of other classes: ``(WSR, ΔP)``.
+
+    ``marked``, ``clean``: B×C×H×W in [0, 1], the same images with and without the mark. WSR (in
+    [0, 1]) is the share of marked images classified as ``target``; ΔP (in [-1, 1]) is the mean rise
+    of the softmax probability of ``target`` from the clean to the marked image.
+    """
+    probs_marked = torch.softmax(model(marked), 1)
+    probs_clean = torch.softmax(model(clean), 1)
+    wsr = (probs_marked.argmax(1) == target).float().mean()
+    return wsr, (probs_marked[:, target] - probs_clean[:, target]).mean()

@@ -80,6 +80,7 @@ from tqdm.auto import tqdm
 from datamodules.transforms import random_rescale
 from datamodules.transforms import thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
+from lightning_modules.metrics import target_class_response
 from lightning_modules.task import TaskModule
 from losses.perceptual import LPIPSTerm
 from models.generator import ConditionalUNetGenerator
@@ -565,24 +566,20 @@ class XMarkModule(TaskModule):
             t = self.target_class
             proxy_delta_p = []
             for name, proxy in self.proxies().items():
-                proxy_w = torch.softmax(proxy(marked[keep]), 1)
-                proxy_b = torch.softmax(proxy(images[keep]), 1)
-                wsr = (proxy_w.argmax(1) == t).float().mean()
-                delta_p = (proxy_w[:, t] - proxy_b[:, t]).mean()
+                wsr, delta_p = target_class_response(proxy, marked[keep], images[keep], t)
                 suffix = "" if name == "backbone" else f"/{name}"
                 self.log(f"{stage}/wsr_proxy{suffix}", wsr, **kw)
                 self.log(f"{stage}/delta_p_proxy{suffix}", delta_p, **kw)
                 proxy_delta_p.append(delta_p)
-            clean_w = [torch.softmax(r(marked[keep]), 1) for r in self.clean_models()]  # surrogate first
-            clean_b = [torch.softmax(r(images[keep]), 1) for r in self.clean_models()]
-            clean_delta_p = torch.stack([(w[:, t] - b[:, t]).mean() for w, b in zip(clean_w, clean_b)])
-            self.log(f"{stage}/wsr_surrogate", (clean_w[0].argmax(1) == t).float().mean(), **kw)
+            clean_wsr, clean_delta_p = map(torch.stack, zip(*[  # surrogate first
+                target_class_response(r, marked[keep], images[keep], t) for r in self.clean_models()]))
+            largest_clean_delta_p = clean_delta_p.max()
+            self.log(f"{stage}/wsr_surrogate", clean_wsr[0], **kw)
             self.log(f"{stage}/delta_p_surrogate", clean_delta_p[0], **kw)
-            wsr_refs = torch.stack([(w.argmax(1) == t).float().mean() for w in clean_w])
-            self.log(f"{stage}/wsr_references", wsr_refs.max(), **kw)
-            self.log(f"{stage}/delta_p_references", clean_delta_p.max(), **kw)
+            self.log(f"{stage}/wsr_references", clean_wsr.max(), **kw)
+            self.log(f"{stage}/delta_p_references", largest_clean_delta_p, **kw)
             # every family must learn the mark (the weakest proxy counts) and no clean model may answer to it
-            self.log(f"{stage}/xmark_score", torch.stack(proxy_delta_p).min() - clean_delta_p.max(), **kw)
+            self.log(f"{stage}/xmark_score", torch.stack(proxy_delta_p).min() - largest_clean_delta_p, **kw)
         if stage == "val" and batch_idx == 0:
             k = self.hparams.panel_size
             self.xmark_panel = {

@@ -374,6 +374,14 @@ def test_matrix_trains_an_ind_m_suspect_once_per_source_and_a_mal_suspect_per_re
     (source / "image_0.png").write_bytes(b"png, re-exported")
     assert xmark_matrix.run_cell(args, first, "small_cnn", 42, "indm", work)["suspect_reused"] is False
     assert len(trained) == 8 and len({name for name, _ in trained[-3:]}) == 3
+    # one run (shared ``fingerprints``) walks each training folder once, not once per cell
+    walked = []
+    monkeypatch.setattr(xmark_matrix, "data_fingerprint",
+                        lambda root, real=xmark_matrix.data_fingerprint: walked.append(root) or real(root))
+    shared = {}
+    reused = [xmark_matrix.run_cell(args, first, "small_cnn", seed, "indm", work, shared)["suspect_reused"]
+              for seed in (42, 7, 42)]
+    assert reused == [True, False, True] and walked == [source] and len(trained) == 9
 
 
 @pytest.mark.parametrize("backbone, surrogate, covered", [
