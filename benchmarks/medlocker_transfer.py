@@ -126,19 +126,20 @@ def markdown(doc: dict) -> str:
     for c in doc["cells"]:
         values = " | ".join("error" if c["error"] else fmt(c["accuracy"].get(v)) for v in columns)
         lines.append(f"| {c['run']} | {c['suspect']} | {c['role']} | {values} |")
-    lines += ["", f"Wall time: {doc['seconds']:.0f} s.", ""]
+    reused = sum(bool(c.get("reused")) for c in doc["cells"])
+    lines += ["", f"Wall time: {doc['seconds']:.0f} s ({reused} of {len(doc['cells'])} cells reused from --work).", ""]
     return "\n".join(lines)
 
 
 def heat_map(doc: dict, path: Path) -> None:
-    """One panel per run: rows = suspects (role in brackets), columns = views; colour = accuracy."""
+    """One panel per run (stacked): rows = suspects (role in brackets), columns = views; colour = accuracy."""
     cells, columns = doc["cells"], views(doc["cells"])
     runs = list(dict.fromkeys(c["run"] for c in cells))
     suspects = list(dict.fromkeys(c["suspect"] for c in cells))
-    fig, axes = plt.subplots(1, len(runs), figsize=(0.5 + 0.9 * len(columns) * len(runs), 0.9 + 0.45 * len(suspects)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(2.5 + 0.9 * len(columns), (1.1 + 0.4 * len(suspects)) * len(runs)),
+                             squeeze=False, constrained_layout=True)
     image = None
-    for ax, run in zip(axes[0], runs):
+    for ax, run in zip(axes[:, 0], runs):
         grid = np.full((len(suspects), len(columns)), np.nan)
         labels = list(suspects)
         for c in (c for c in cells if c["run"] == run):
@@ -152,7 +153,7 @@ def heat_map(doc: dict, path: Path) -> None:
         ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=30)
         ax.set_yticks(range(len(suspects)), labels, fontsize=7)
         ax.set_title(run, fontsize=8)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="suspect accuracy (lower = better protected)")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, label="suspect accuracy (lower = better protected)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
