@@ -88,11 +88,11 @@ def parse_suspects(items: list[str]) -> dict[str, Path]:
     return suspects
 
 
-def run_cell(run: Path, name: str, checkpoint: Path, members: set[str], learned_steps: int,
+def run_cell(run: Path, name: str, checkpoint: Path, suspect_hash: str, members: set[str], learned_steps: int,
              work: Path) -> dict[str, Any]:
-    """One run × suspect: the accuracies per view of ``verify.py mode=evaluate`` (never the secret)."""
+    """One run × suspect (``suspect_hash``: the checkpoint's SHA-256): the accuracies per view of
+    ``verify.py mode=evaluate`` (never the secret)."""
     secret = run / "owner" / "secret.json"
-    suspect_hash = sha256(checkpoint)
     # the cell's folder is keyed by what its answer depends on: a finished cell is reused from --work
     key = hashlib.sha256(f"{sha256(secret)}:{suspect_hash}:{learned_steps}".encode()).hexdigest()[:12]
     folder = work / f"{run.name}__{name}__{key}"
@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="medlocker_transfer_") as tmp, contextlib.redirect_stdout(sys.stderr):
         work = Path(args.work) if args.work else Path(tmp)
-        cells = [run_cell(run, name, checkpoint, optimised_against(run), args.learned_steps, work)
-                 for run in runs for name, checkpoint in suspects.items()]
+        hashes = {name: sha256(checkpoint) for name, checkpoint in suspects.items()}  # once, not per run
+        cells = [run_cell(run, name, checkpoint, hashes[name], members, args.learned_steps, work)
+                 for run in runs for members in [optimised_against(run)] for name, checkpoint in suspects.items()]
     doc = {"benchmark": "medlocker_transfer",
            "settings": {"runs": [str(r) for r in runs], "suspects": {k: str(v) for k, v in suspects.items()},
                         "learned_steps": args.learned_steps},
