@@ -296,8 +296,14 @@ class XMarkRelease(Callback):
 
     # -- the hooks --------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Before any training: refuse a DICOM image the release would have to mark but could not write
-        (colour, not 8/16-bit; DatasetError naming the file and field, train.py exit 2)."""
+        """Before any training: refuse held-out control seeds that are also trained-reference seeds, and a DICOM
+        image the release would have to mark but could not write (colour, not 8/16-bit; DatasetError naming the
+        file and field, train.py exit 2)."""
+        references = getattr(pl_module, "hparams", {}).get("trained_references") or {}
+        shared = sorted(set(references.get("seeds", [])) & set(self.heldout_control["seeds"]))
+        if shared and self.heldout_control["epochs"] > 0:
+            raise ValueError(f"method.trained_references.seeds and callbacks.xmark_release.heldout_control.seeds "
+                             f"share {shared}: a clean model the generator was trained against is no held-out control")
         datamodule = trainer.datamodule
         if datamodule is None or not getattr(datamodule, "splits", None) or not hasattr(pl_module, "target_class"):
             return  # on_fit_end names what is missing

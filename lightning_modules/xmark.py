@@ -20,6 +20,8 @@ Three kinds of network live in :class:`XMarkModule`:
   architecture when it is not the surrogate's), trained on clean batches during warm-up and then
   frozen, so the Ind-M suppression term and the release's controls cover every family the
   generator learns against (``indm_covers_proxy_families``);
+* ``trained_references`` -- clean classifiers of those families trained to convergence before
+  the first iteration (``method.trained_references``), frozen in the Ind-M term beside the twins;
 * ``surrogate`` and ``references`` -- frozen *clean* classifiers. The surrogate gives the
   EigenCAM saliency s (cached on disk, :class:`watermark.xmark.saliency.SaliencyCache`) and, with
   the references, the Ind-M suppression term (marked non-target images must stay correctly
@@ -49,7 +51,7 @@ Training step (manual optimisation, two optimisers):
    proxy used this step), ``rescaled_marked_logits`` (the same on randomly down/up-sampled
    x_w -- after ``thief_augment``'s flip/zoom when that is set: the thief's whole pipeline),
    ``proxy_weights`` (tensor P, the weights of those proxies), ``surrogate_marked_logits``,
-   ``reference_marked_logits`` (list: surrogate + references + clean twins on x_w).
+   ``reference_marked_logits`` (list: every clean model on x_w, surrogate first).
 
 Logged: every term (``train/loss/<name>`` for G, ``train_proxy/loss/<name>`` for the proxy),
 and per validation epoch: the proxy's task metrics on clean images (``val/balanced_accuracy``
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from typing import Any
 
 import torch
@@ -75,13 +78,14 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from tqdm.auto import tqdm
 
 from datamodules.transforms import random_rescale
 from datamodules.transforms import thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
 from lightning_modules.metrics import target_class_response
 from lightning_modules.task import TaskModule
+from lightning_modules.xmark_clean_models import (architecture, fit_clean_classifier, no_pretrained,
+                                                  thief_augment_settings, trained_reference_settings)
 from losses.perceptual import LPIPSTerm
 from models.generator import ConditionalUNetGenerator
 from models.safe_reader import ModelFileError, load_model_checkpoint
@@ -91,35 +95,23 @@ from watermark.xmark.saliency import SaliencyCache, default_target_layer, eigenc
 
 log = logging.getLogger("medmark.xmark")
 
-def _no_pretrained(config: dict) -> dict:
-    """A backbone config that never reads pretrained weights (the state dict follows)."""
-    config = copy.deepcopy(dict(config))
-    for name in ("weights_path", "encoder_weights", "encoder_weights_path", "checkpoint"):
-        if name in config:
-            config[name] = None
-    if "allow_random_init" in config:
-        config["allow_random_init"] = True
-    return config
 
-
-def _architecture(config: dict) -> tuple[Any, Any]:
-    """What makes two backbone configs the same architecture: the factory and the model name."""
-    config = to_plain(config) or {}
-    return config.get("_target_"), config.get("name")
-
-
-def _thief_augment_settings(config: dict | None) -> dict:
-    """``method.thief_augment`` checked and completed: ``{"hflip": float, "zoom": [low, high]}``."""
-    augment = dict(to_plain(config) or {})
-    unknown = sorted(set(augment) - {"hflip", "zoom"})
+def _proxy_ensemble(extra_proxies: dict | None, proxy_weights: dict | None, proxy_combine: str) -> tuple[dict, dict]:
+    """``method.extra_proxies`` / ``proxy_weights`` / ``proxy_combine`` checked: (extra proxies, {name: weight})."""
+    extra_proxies = {str(k): dict(to_plain(v)) for k, v in (to_plain(extra_proxies) or {}).items()}
+    if "backbone" in extra_proxies:
+        raise ValueError("method.extra_proxies: 'backbone' is the name of the main proxy (the backbone config)")
+    proxy_names = ["backbone", *extra_proxies]
+    proxy_weights = {str(k): float(v) for k, v in (to_plain(proxy_weights) or {}).items()}
+    unknown = sorted(set(proxy_weights) - set(proxy_names))
     if unknown:
-        raise ValueError(f"method.thief_augment has unknown keys {unknown} (allowed: hflip, zoom)")
-    augment = {"hflip": float(augment.get("hflip", 0.0)), "zoom": [float(v) for v in augment.get("zoom", (1.0, 1.0))]}
-    try:
-        thief_augment_fn(torch.zeros(1, 1, 2, 2), **augment)
-    except (ValueError, IndexError) as err:
-        raise ValueError(f"method.thief_augment: {err}") from None
-    return augment
+        raise ValueError(f"method.proxy_weights names {unknown}, which are not proxies ({proxy_names})")
+    weights = [proxy_weights.get(n, 1.0) for n in proxy_names]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"method.proxy_weights must be >= 0 with a positive sum, got {dict(zip(proxy_names, weights))}")
+    if proxy_combine not in ("sum", "sample"):
+        raise ValueError(f"method.proxy_combine must be sum or sample, got {proxy_combine!r}")
+    return extra_proxies, dict(zip(proxy_names, weights))
 
 
 # ------------------------------------------------------------------------------------ module
@@ -143,6 +135,11 @@ class XMarkModule(TaskModule):
         surrogate_checkpoint: a ``method=task`` classification checkpoint; null = train inline.
         surrogate_backbone: backbone config of an inline surrogate (default: ``backbone``).
         reference_checkpoints: further clean classification checkpoints for Ind-M suppression.
+        trained_references: ``{epochs, seeds, lr, thief_augmented}`` -- clean models of every
+            held-out family (:meth:`heldout_families`) trained here, ``epochs`` passes over the clean
+            training split per seed (through the thief's augmentation when ``thief_augmented``),
+            before the first iteration, then frozen in the Ind-M term: an innocent party's fully
+            trained model, where a clean twin gets only the warm-up. ``epochs: 0`` = none.
         saliency_cache_dir: folder of the EigenCAM cache (null = compute without caching).
         sign_correction: EigenCAM sign correction.
         extra_proxies: ``{name: backbone config}`` -- further proxy Mal models (other families);
@@ -178,6 +175,7 @@ class XMarkModule(TaskModule):
         surrogate_checkpoint: str | None = None,
         surrogate_backbone: dict | None = None,
         reference_checkpoints: list[str] | tuple[str, ...] = (),
+        trained_references: dict | None = None,
         saliency_cache_dir: str | None = None,
         sign_correction: bool = True,
         extra_proxies: dict[str, dict] | None = None,
@@ -206,19 +204,7 @@ class XMarkModule(TaskModule):
         self.generator_terms = [n for n in self.loss_terms if n not in proxy_terms]
         if not self.generator_terms:
             raise ValueError("no generator loss terms: the loss group holds only method.proxy_terms")
-        extra_proxies = {str(k): dict(to_plain(v)) for k, v in (to_plain(extra_proxies) or {}).items()}
-        if "backbone" in extra_proxies:
-            raise ValueError("method.extra_proxies: 'backbone' is the name of the main proxy (the backbone config)")
-        proxy_names = ["backbone", *extra_proxies]
-        proxy_weights = {str(k): float(v) for k, v in (to_plain(proxy_weights) or {}).items()}
-        unknown = sorted(set(proxy_weights) - set(proxy_names))
-        if unknown:
-            raise ValueError(f"method.proxy_weights names {unknown}, which are not proxies ({proxy_names})")
-        weights = [proxy_weights.get(n, 1.0) for n in proxy_names]
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"method.proxy_weights must be >= 0 with a positive sum, got {dict(zip(proxy_names, weights))}")
-        if proxy_combine not in ("sum", "sample"):
-            raise ValueError(f"method.proxy_combine must be sum or sample, got {proxy_combine!r}")
+        extra_proxies, proxy_weights = _proxy_ensemble(extra_proxies, proxy_weights, proxy_combine)
         if generator_steps is not None and int(generator_steps) < 1:
             raise ValueError(f"method.generator_steps must be >= 1 or null, got {generator_steps}")
         self.save_hyperparameters({
@@ -230,10 +216,11 @@ class XMarkModule(TaskModule):
             "surrogate_checkpoint": surrogate_checkpoint,
             "surrogate_backbone": to_plain(surrogate_backbone), "reference_checkpoints": list(reference_checkpoints),
             "saliency_cache_dir": saliency_cache_dir, "sign_correction": bool(sign_correction),
-            "extra_proxies": extra_proxies, "proxy_weights": dict(zip(proxy_names, weights)),
+            "extra_proxies": extra_proxies, "proxy_weights": proxy_weights,
             "proxy_combine": proxy_combine, "indm_covers_proxy_families": bool(indm_covers_proxy_families),
             "generator_steps": None if generator_steps is None else int(generator_steps),
-            "thief_augment": _thief_augment_settings(thief_augment),
+            "thief_augment": thief_augment_settings(thief_augment),
+            "trained_references": trained_reference_settings(trained_references),
         })
         self.automatic_optimization = False
         self.target_class = int(target_class)
@@ -259,7 +246,11 @@ class XMarkModule(TaskModule):
             raise ValueError(f"method.indm_covers_proxy_families trains clean twins of {sorted(twin_configs)} during "
                              "warm-up: method.warmup_steps must be >= 1")
         self.clean_twins = nn.ModuleDict(
-            {name: instantiate(_no_pretrained(cfg)) for name, cfg in twin_configs.items()})
+            {name: instantiate(no_pretrained(cfg)) for name, cfg in twin_configs.items()})
+        trained = self.hparams.trained_references  # built now (checkpoints load), trained in on_train_start
+        self.trained_references = nn.ModuleDict({f"{family}_seed{seed}": instantiate(no_pretrained(cfg))
+                                                 for seed in trained["seeds"]
+                                                 for family, cfg in self.heldout_families().items()})
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self.generator_updates = 0  # generator optimiser steps taken by this process (not saved)
         self._saliency_cache: SaliencyCache | None = None
@@ -303,27 +294,16 @@ class XMarkModule(TaskModule):
         Returns:
             the trained model, on the CPU, in eval mode, frozen.
         """
-        device = self.device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            model = instantiate(_no_pretrained(copy.deepcopy(backbone or self.surrogate_config))).to(device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=float(lr))
-            model.train()
-            with tqdm(total=int(epochs) * len(loader), desc=desc, unit="batch", disable=None, leave=False) as bar:
-                for _ in range(int(epochs)):
-                    for batch in loader:
-                        images = batch["image"].to(device)
-                        logits = model(thief_augment_fn(images, **augment) if augment else images)
-                        loss = nn.functional.cross_entropy(logits, batch["label"].to(device).long())
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        bar.update(1)
+            model = instantiate(no_pretrained(copy.deepcopy(backbone or self.surrogate_config))).to(self.device)
+            fit_clean_classifier(model, loader, epochs, lr, desc=desc,
+                                 augment=(lambda x: thief_augment_fn(x, **augment)) if augment else None)
         return model.cpu().eval().requires_grad_(False)
 
     def clean_models(self) -> list[nn.Module]:
-        """The frozen clean classifiers of the suppression terms: surrogate + references + clean twins."""
-        return [self.surrogate, *self.references, *self.clean_twins.values()]
+        """The frozen clean classifiers of the suppression terms: surrogate, references, trained references, twins."""
+        return [self.surrogate, *self.references, *self.trained_references.values(), *self.clean_twins.values()]
 
     def proxies(self) -> dict[str, nn.Module]:
         """The proxy Mal ensemble: ``{"backbone": model, **extra_proxies}`` (one model = single proxy)."""
@@ -333,7 +313,7 @@ class XMarkModule(TaskModule):
         """``{proxy name: backbone config}`` of the proxies the surrogate's architecture does not stand for:
         every extra proxy, and ``backbone`` when its architecture (factory and name) is not the surrogate's."""
         families = {}
-        if _architecture(self.hparams.backbone) != _architecture(self.surrogate_config):
+        if architecture(self.hparams.backbone) != architecture(self.surrogate_config):
             families["backbone"] = copy.deepcopy(dict(to_plain(self.hparams.backbone)))
         families.update({name: copy.deepcopy(cfg) for name, cfg in self.hparams.extra_proxies.items()})
         return families
@@ -372,7 +352,7 @@ class XMarkModule(TaskModule):
             self._freeze_clean_models()
         elif not self.inline_surrogate:
             self.surrogate.eval().requires_grad_(False)
-            for model in self.references:
+            for model in [*self.references, *self.trained_references.values()]:
                 model.eval().requires_grad_(False)
 
     def on_train_start(self) -> None:
@@ -383,12 +363,34 @@ class XMarkModule(TaskModule):
                 log.warning("method.generator_steps=%d needs %d iterations, but trainer.max_epochs=%d x %d batches "
                             "= %d: raise trainer.max_epochs", self.hparams.generator_steps, budget, epochs, batches,
                             batches * epochs)
+        if len(self.trained_references) and int(self.iterations) == 0:  # a resumed run has them in its checkpoint
+            datamodule = self.trainer.datamodule
+            self.train_references(datamodule.train_dataloader() if datamodule else self.trainer.train_dataloader)
+
+    def train_references(self, loader) -> None:
+        """Train every ``trained_references`` model on clean batches (``image``, ``label``), then freeze it.
+
+        Each is :meth:`train_heldout_control` with its family and seed; under DDP rank 0's weights
+        are broadcast, so every rank suppresses δ against the same clean models."""
+        settings = self.hparams.trained_references
+        augment = self.heldout_augmentations().get("+thief_augment") if settings["thief_augmented"] else None
+        families = self.heldout_families()
+        for key, model in self.trained_references.items():
+            family, seed = key.rsplit("_seed", 1)
+            started = time.time()
+            trained = self.train_heldout_control(loader, settings["epochs"], int(seed), settings["lr"],
+                                                 families[family], desc=f"trained reference {key}", augment=augment)
+            state = self.trainer.strategy.broadcast(trained.state_dict(), src=0) if self._trainer else trained.state_dict()
+            model.load_state_dict(state)
+            model.eval().requires_grad_(False)
+            log.info("trained reference %s: %d epochs on the clean training split%s in %.0f s", key,
+                     settings["epochs"], " (thief's augmentation)" if augment else "", time.time() - started)
 
     def train(self, mode: bool = True):
         super().train(mode)
         # Frozen models stay in eval mode (BatchNorm statistics fixed); an inline surrogate
         # trains during warm-up only.
-        for model in self.references:
+        for model in [*self.references, *self.trained_references.values()]:
             model.eval()
         if not (mode and self.inline_surrogate and self.warming_up):
             self.surrogate.eval()
@@ -538,7 +540,7 @@ class XMarkModule(TaskModule):
             for name, proxy in proxies.items():
                 proxy.train(modes[name] and train)
         outputs["reference_marked_logits"] = [outputs["surrogate_marked_logits"]] + [
-            r(marked) for r in [*self.references, *self.clean_twins.values()]]
+            r(marked) for r in self.clean_models()[1:]]
         return outputs
 
     # -- evaluation -----------------------------------------------------------------------
@@ -564,15 +566,16 @@ class XMarkModule(TaskModule):
             m = int(keep.sum())
             kw = dict(on_step=False, on_epoch=True, batch_size=m)
             t = self.target_class
+            marked_kept, clean_kept = marked[keep], images[keep]  # the non-target rows, taken once
             proxy_delta_p = []
             for name, proxy in self.proxies().items():
-                wsr, delta_p = target_class_response(proxy, marked[keep], images[keep], t)
+                wsr, delta_p = target_class_response(proxy, marked_kept, clean_kept, t)
                 suffix = "" if name == "backbone" else f"/{name}"
                 self.log(f"{stage}/wsr_proxy{suffix}", wsr, **kw)
                 self.log(f"{stage}/delta_p_proxy{suffix}", delta_p, **kw)
                 proxy_delta_p.append(delta_p)
             clean_wsr, clean_delta_p = map(torch.stack, zip(*[  # surrogate first
-                target_class_response(r, marked[keep], images[keep], t) for r in self.clean_models()]))
+                target_class_response(r, marked_kept, clean_kept, t) for r in self.clean_models()]))
             largest_clean_delta_p = clean_delta_p.max()
             self.log(f"{stage}/wsr_surrogate", clean_wsr[0], **kw)
             self.log(f"{stage}/delta_p_surrogate", clean_delta_p[0], **kw)
