@@ -13,8 +13,8 @@ from watermark.medlocker.learned_remover import LearnedRemover, RemoverConfig, a
     train_remover
 from watermark.medlocker.logo import footprint, render_protected, render_qr_logo
 from watermark.medlocker.removal_attacks import inpaint_footprint, jpeg
-from watermark.medlocker.removal_eot import check_eot, eot_loss, inpaint_straight_through, jpeg_straight_through, \
-    ring_support
+from watermark.medlocker.removal_eot import check_eot, eot_loss, inpaint_straight_through, input_diversity, \
+    jpeg_straight_through, ring_support
 
 REMOVAL = {"median_k": 3, "jpeg_quality": 75, "inpaint_radius": 3}
 ZERO = {"median": 0.0, "blur": 0.0, "blur_sigma": 1.0, "jpeg": 0.0, "inpaint": 0.0, "ring_px": 0}
@@ -62,6 +62,57 @@ def test_check_eot_refuses_negative_weight_and_fractional_ring():
         check_eot({**ZERO, "inpaint": -1.0})
     with pytest.raises(ValueError, match=r"method\.delta\.eot\.ring_px"):
         check_eot({**ZERO, "ring_px": 1.5})
+    with pytest.raises(ValueError, match=r"method\.delta\.eot\.diversity must be a probability"):
+        check_eot({**ZERO, "diversity": 1.5})
+    with pytest.raises(ValueError, match=r"method\.delta\.eot\.diversity_scale"):
+        check_eot({**ZERO, "diversity_scale": 0.0})
+    assert check_eot({**ZERO, "diversity": 1.0, "diversity_scale": 1.0})["diversity"] == 1.0  # the closed ends pass
+    assert check_eot(ZERO)["diversity"] == 0.0  # a block without the key (a run from before it): off
+
+
+def test_input_diversity_shrinks_and_pads_back_to_the_same_size_differentiably():
+    images = torch.rand(2, 3, 20, 20, requires_grad=True)
+    assert input_diversity(images, 1.0, torch.Generator().manual_seed(0)) is images  # scale 1: nothing drawn smaller
+    sizes = set()
+    for seed in range(40):
+        out = input_diversity(images, 0.5, torch.Generator().manual_seed(seed))
+        assert out.shape == images.shape
+        rows = (out.detach().abs().sum((0, 1, 3)) > 0).sum().item()  # the shrunk copy's height; the rest is padding
+        sizes.add(int(rows))
+        assert torch.equal(out, input_diversity(images, 0.5, torch.Generator().manual_seed(seed)))  # seeded
+    assert min(sizes) >= 10 and max(sizes) <= 20 and len(sizes) > 3  # drawn in [round(0.5 * 20), 20]
+    out = input_diversity(images, 0.5, torch.Generator().manual_seed(1))
+    out.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_eot_diversity_feeds_the_surrogate_resized_views_with_the_given_probability(scene):
+    images, _, _, _, marks, labels = scene
+    seen: list[torch.Tensor] = []
+
+    def recording_ce(x):
+        seen.append(x.detach())
+        return x.flatten(1).mean(1)
+
+    for p, expect_changed in ((0.0, 0), (1.0, 20)):
+        seen.clear()
+        loss = eot_loss(recording_ce, check_eot({**ZERO, "diversity": p, "diversity_scale": 0.5}), REMOVAL, marks,
+                        generator=torch.Generator().manual_seed(2))
+        for _ in range(20):
+            loss(images)
+        changed = sum(not torch.equal(v, images) for v in seen)
+        assert len(seen) == 20 and changed in range(expect_changed - 2, expect_changed + 1)  # a draw may keep H
+    # a diverse evaluation resizes every view (each its own size); the removal views are still there
+    seen.clear()
+    eot_loss(recording_ce, check_eot({**ZERO, "jpeg": 1.0, "diversity": 1.0, "diversity_scale": 0.5}), REMOVAL, marks,
+             generator=torch.Generator().manual_seed(5))(images)
+    assert len(seen) == 2 and all(bool((v == 0).any()) for v in seen)  # zero padding: the inputs never hold a 0
+    half = eot_loss(recording_ce, check_eot({**ZERO, "diversity": 0.5}), REMOVAL, marks,
+                    generator=torch.Generator().manual_seed(7))
+    seen.clear()
+    for _ in range(200):
+        half(images)
+    assert 60 <= sum(not torch.equal(v, images) for v in seen) <= 110  # ≈ 0.5 · 200, less the draws that keep H
 
 
 def test_jpeg_straight_through_forwards_real_jpeg_and_passes_identity_gradient(scene):

@@ -463,7 +463,8 @@ def perturb(images: Tensor, labels: Tensor, idx: list[int], marks: list[tuple], 
         return torch.stack([F.cross_entropy(lg.float(), labels[sub], reduction="none")
                             for lg in surrogates.ensemble_logits(x)]).mean(0)
 
-    loss_fn = eot_loss(ce, settings.eot, settings.removal, mark_fps)  # all weights 0: exactly ce
+    loss_fn = eot_loss(ce, settings.eot, settings.removal, mark_fps,  # all weights 0, diversity 0: exactly ce
+                       generator=torch.Generator().manual_seed(seed + 7919))
     cfg = settings.delta
     delta = pgd_on_footprint(loss_fn, marked, fps, float(cfg["epsilon"]), int(cfg["steps"]), cfg.get("step_size"),
                              generator=torch.Generator().manual_seed(seed))

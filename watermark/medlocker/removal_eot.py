@@ -21,6 +21,12 @@ computed). Each transformation is differentiable or straight-through:
   δ placed on the ring (``method.delta.eot.ring_px``: δ's support is the mark's footprint dilated
   by that many pixels, minus the lesion region) steers what the inpainting paints.
 
+Input diversity (``method.delta.eot.diversity``, a probability; 0 = off): at each loss evaluation,
+with that probability, every view above is shrunk to a random size (drawn per view) in
+``[diversity_scale · H, H]`` and zero-padded back to ``H x W`` at a random offset before the
+surrogates see it (:func:`input_diversity`) -- the transfer-attack recipe for perturbations that
+must also fool models they were not optimised against.
+
 Images are ``B x C x H x W`` float in [0, 1]; masks are bool ``B x H x W``. Framework-free.
 """
 
@@ -41,7 +47,8 @@ EOT_TRANSFORMS = ("median", "blur", "jpeg", "inpaint")
 
 def check_eot(eot: dict) -> dict:
     """The validated ``method.delta.eot`` block: ``median``, ``blur``, ``jpeg``, ``inpaint`` weights
-    (>= 0), ``blur_sigma`` (> 0) and ``ring_px`` (integer >= 0). Raises ``ValueError`` naming the field."""
+    (>= 0), ``blur_sigma`` (> 0), ``ring_px`` (integer >= 0), ``diversity`` (probability, default 0) and
+    ``diversity_scale`` (in (0, 1], default 0.9). Raises ``ValueError`` naming the field."""
     out = {}
     for name in EOT_TRANSFORMS:
         w = float(eot[name])
@@ -55,6 +62,12 @@ def check_eot(eot: dict) -> dict:
     if int(ring) != ring or int(ring) < 0:
         raise ValueError(f"method.delta.eot.ring_px must be an integer >= 0, got {ring!r}")
     out["ring_px"] = int(ring)
+    out["diversity"] = float(eot.get("diversity", 0.0))
+    if not 0.0 <= out["diversity"] <= 1.0:
+        raise ValueError(f"method.delta.eot.diversity must be a probability in [0, 1], got {eot.get('diversity')!r}")
+    out["diversity_scale"] = float(eot.get("diversity_scale", 0.9))
+    if not 0.0 < out["diversity_scale"] <= 1.0:
+        raise ValueError(f"method.delta.eot.diversity_scale must be in (0, 1], got {eot.get('diversity_scale')!r}")
     return out
 
 
@@ -110,8 +123,24 @@ def ring_support(mark_fp: np.ndarray, region: np.ndarray, ring_px: int) -> np.nd
     return grown & ~region
 
 
-def eot_loss(per_image_ce: Callable[[Tensor], Tensor], eot: dict, removal: dict, mark_fps: Tensor
-             ) -> Callable[[Tensor], Tensor]:
+def input_diversity(images: Tensor, scale: float, generator: torch.Generator) -> Tensor:
+    """``images`` (B×C×H×W) bilinearly shrunk to ``h x w`` with ``h`` drawn in ``[round(scale·H), H]``
+    (``w`` in proportion), then zero-padded back to ``H x W`` at a random offset; differentiable.
+    One draw for the whole batch, from ``generator`` (CPU). ``scale`` 1 returns ``images``."""
+    H, W = images.shape[-2:]
+    low = max(1, int(round(scale * H)))
+    h = int(torch.randint(low, H + 1, (1,), generator=generator))
+    if h == H:
+        return images
+    w = max(1, int(round(W * h / H)))
+    small = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    top = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+    return F.pad(small, (left, W - w - left, top, H - h - top))
+
+
+def eot_loss(per_image_ce: Callable[[Tensor], Tensor], eot: dict, removal: dict, mark_fps: Tensor,
+             generator: torch.Generator | None = None) -> Callable[[Tensor], Tensor]:
     """The removal-aware PGD loss ``x -> (B,)``: ``per_image_ce(x)`` plus each transformation's
     ``per_image_ce`` times its weight (transformations of weight 0 are not computed).
 
@@ -121,6 +150,8 @@ def eot_loss(per_image_ce: Callable[[Tensor], Tensor], eot: dict, removal: dict,
             (``method.removal``: the same attacks the protection is judged on).
         mark_fps: bool B×H×W, the visible mark of each image (what a thief inpaints; all False for
             an image without a mark).
+        generator: CPU generator of the input-diversity draws (``eot["diversity"] > 0``; None = a
+            fresh one seeded 0).
     """
     views: list[tuple[float, Callable[[Tensor], Tensor]]] = []
     if eot["median"] > 0:
@@ -132,10 +163,15 @@ def eot_loss(per_image_ce: Callable[[Tensor], Tensor], eot: dict, removal: dict,
     if eot["inpaint"] > 0:
         views.append((eot["inpaint"], lambda x: inpaint_straight_through(x, mark_fps, int(removal["inpaint_radius"]))))
 
+    p = eot.get("diversity", 0.0)
+    draws = generator if generator is not None else torch.Generator().manual_seed(0)
+
     def loss(x: Tensor) -> Tensor:
-        total = per_image_ce(x)
+        diverse = p > 0 and float(torch.rand((), generator=draws)) < p  # one draw per evaluation (PGD step)
+        ce = (lambda v: per_image_ce(input_diversity(v, eot["diversity_scale"], draws))) if diverse else per_image_ce
+        total = ce(x)
         for weight, view in views:
-            total = total + weight * per_image_ce(view(x))
+            total = total + weight * ce(view(x))
         return total
 
     return loss
