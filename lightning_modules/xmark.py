@@ -84,7 +84,7 @@ from datamodules.transforms import thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
 from lightning_modules.metrics import target_class_response
 from lightning_modules.task import TaskModule
-from lightning_modules.xmark_clean_models import (architecture, fit_clean_classifier, no_pretrained,
+from lightning_modules.xmark_clean_models import (architecture, fit_clean_classifier, no_pretrained, select_families,
                                                   thief_augment_settings, trained_reference_settings)
 from losses.perceptual import LPIPSTerm
 from models.generator import ConditionalUNetGenerator
@@ -248,9 +248,9 @@ class XMarkModule(TaskModule):
         self.clean_twins = nn.ModuleDict(
             {name: instantiate(no_pretrained(cfg)) for name, cfg in twin_configs.items()})
         trained = self.hparams.trained_references  # built now (checkpoints load), trained in on_train_start
+        families = select_families(self.heldout_families(), trained["families"])
         self.trained_references = nn.ModuleDict({f"{family}_seed{seed}": instantiate(no_pretrained(cfg))
-                                                 for seed in trained["seeds"]
-                                                 for family, cfg in self.heldout_families().items()})
+                                                 for seed in trained["seeds"] for family, cfg in families.items()})
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self.generator_updates = 0  # generator optimiser steps taken by this process (not saved)
         self._saliency_cache: SaliencyCache | None = None
@@ -380,8 +380,8 @@ class XMarkModule(TaskModule):
             started = time.time()
             trained = self.train_heldout_control(loader, settings["epochs"], int(seed), settings["lr"],
                                                  families[family], desc=f"trained reference {key}", augment=augment)
-            state = self.trainer.strategy.broadcast(trained.state_dict(), src=0) if self._trainer else trained.state_dict()
-            model.load_state_dict(state)
+            state = trained.state_dict()
+            model.load_state_dict(self.trainer.strategy.broadcast(state, src=0) if self._trainer else state)
             model.eval().requires_grad_(False)
             log.info("trained reference %s: %d epochs on the clean training split%s in %.0f s", key,
                      settings["epochs"], " (thief's augmentation)" if augment else "", time.time() - started)

@@ -23,7 +23,7 @@ from datamodules.transforms import thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
 
 #: Fields of ``method.trained_references``.
-TRAINED_REFERENCE_FIELDS = ("epochs", "seeds", "lr", "thief_augmented")
+TRAINED_REFERENCE_FIELDS = ("epochs", "seeds", "lr", "thief_augmented", "families")
 
 
 def no_pretrained(config: dict) -> dict:
@@ -61,13 +61,15 @@ def trained_reference_settings(config: dict | None) -> dict:
     """``method.trained_references`` checked and completed.
 
     Returns ``{"epochs": int >= 0, "seeds": [int, ...] (distinct), "lr": float > 0,
-    "thief_augmented": bool}``; ``epochs == 0`` (the default) = no trained references.
+    "thief_augmented": bool, "families": [str, ...] | None}``; ``epochs == 0`` (the default) = no
+    trained references; ``families`` None = every held-out family (:func:`select_families` checks names).
     Raises ValueError naming the field.
     """
     settings = dict(to_plain(config) or {})
     unknown = sorted(set(settings) - set(TRAINED_REFERENCE_FIELDS))
     if unknown:
-        raise ValueError(f"method.trained_references: unknown field(s) {unknown} ({', '.join(TRAINED_REFERENCE_FIELDS)})")
+        raise ValueError(f"method.trained_references: unknown field(s) {unknown} "
+                         f"({', '.join(TRAINED_REFERENCE_FIELDS)})")
     epochs = int(settings.get("epochs", 0))
     seeds = [int(s) for s in settings.get("seeds") or []]
     lr = float(settings.get("lr", 1e-3))
@@ -81,7 +83,20 @@ def trained_reference_settings(config: dict | None) -> dict:
     if not lr > 0:
         raise ValueError(f"method.trained_references.lr must be > 0, got {lr}")
     return {"epochs": epochs, "seeds": seeds if epochs > 0 else [], "lr": lr,
-            "thief_augmented": bool(settings.get("thief_augmented", True))}
+            "thief_augmented": bool(settings.get("thief_augmented", True)),
+            "families": None if settings.get("families") is None else [str(f) for f in settings["families"]]}
+
+
+def select_families(families: dict[str, dict], names: list[str] | None) -> dict[str, dict]:
+    """``{name: backbone config}`` of ``families`` restricted to ``names`` (None = all, in their order).
+    Raises ValueError naming ``method.trained_references.families`` and the families there are."""
+    if names is None:
+        return dict(families)
+    unknown = sorted(set(names) - set(families))
+    if unknown or not names:
+        raise ValueError(f"method.trained_references.families: {unknown or 'an empty list'} — this run's held-out "
+                         f"families are {sorted(families)} (null = all)")
+    return {name: cfg for name, cfg in families.items() if name in names}
 
 
 def fit_clean_classifier(model: nn.Module, loader: Iterable[dict], epochs: int, lr: float,

@@ -44,6 +44,9 @@ def _separable_batches(n_batches: int = 3, size: int = 32) -> list[dict]:
     (_references(2, [3, 3]), r"seeds must be distinct, got \[3, 3\]"),
     (_references(2, []), "give method.trained_references.seeds"),
     (_references(2, [3], lr=0.0), "trained_references.lr must be > 0"),
+    (_references(2, [3], families="[resnet18]"), r"families: \['resnet18'\] — this run's held-out families are "
+                                                   r"\['surrogate'\]"),
+    (_references(2, [3], families="[]"), "families: an empty list"),
 ])
 def test_bad_trained_reference_settings_are_refused_by_name(tmp_path, change, message):
     with pytest.raises(Exception, match=message):
@@ -59,6 +62,8 @@ def test_one_reference_per_seed_and_heldout_family_joins_the_indm_term(tmp_path)
     assert type(module.trained_references["backbone_seed3"]) is type(module.model)  # the ResNet18 proxy's family
     assert type(module.trained_references["surrogate_seed4"]) is type(module.surrogate)
     assert len(module.clean_models()) == 1 + 4 + 1  # surrogate, trained references, the ResNet18 twin
+    only_proxy, _ = build_module(TWO_FAMILIES + _references(1, [3, 4], families="[backbone]"), tmp_path)
+    assert sorted(only_proxy.trained_references) == ["backbone_seed3", "backbone_seed4"]  # one family asked for
     module.eval()
     batch = {"image": torch.rand(3, 1, 32, 32), "label": torch.tensor([0, 1, 0])}
     outputs = module.generator_outputs(batch, module.saliency(batch["image"]), train=False)
@@ -176,4 +181,5 @@ def test_a_run_with_trained_references_releases_them_as_controls(tmp_path, monke
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), module.frozen_copy[key])), key
     # surrogate + 3 trained references + 2 clean twins, each recorded as a reference control
     assert sorted(release["control"]) == [f"reference_{i}" for i in range(6)]
-    assert dict(module.hparams.trained_references) == {"epochs": 1, "seeds": [3], "lr": 1e-3, "thief_augmented": True}
+    assert dict(module.hparams.trained_references) == {"epochs": 1, "seeds": [3], "lr": 1e-3, "thief_augmented": True,
+                                                       "families": None}
