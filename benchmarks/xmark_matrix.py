@@ -80,8 +80,9 @@ THIEF_AUGMENT = ["data.augment.hflip=0.5", "+data.augment.scale=[1.0,1.111]"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--release", action="append", default=[],
-                        help="an X-Mark run folder (repeatable); none = train a small release first")
+    parser.add_argument("--release", action="extend", nargs="+", default=[],
+                        help="X-Mark run folder(s): --release A B or --release A --release B; "
+                             "none = train a small release first")
     parser.add_argument("--archs", nargs="+", default=["small_cnn", "resnet18"], help="configs/backbone names")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)

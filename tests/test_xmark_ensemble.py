@@ -346,6 +346,8 @@ def test_matrix_trains_an_ind_m_suspect_once_per_source_and_a_mal_suspect_per_re
     monkeypatch.setattr(xmark_matrix, "train", fake_train)
     monkeypatch.setattr(xmark_matrix, "run_verify", fake_verify)
     args = xmark_matrix.parse_args(["--release", "unused", "--archs", "small_cnn", "--seeds", "42"])
+    # both spellings of several releases (a user typed the first and got exit 2 before)
+    assert xmark_matrix.parse_args(["--release", "a", "b", "--release", "c"]).release == ["a", "b", "c"]
     source = tmp_path / "source"
     first, second = _fake_release(tmp_path / "first", source), _fake_release(tmp_path / "second", source)
     work = tmp_path / "work"
