@@ -135,8 +135,8 @@ class XMarkModule(TaskModule):
         surrogate_checkpoint: a ``method=task`` classification checkpoint; null = train inline.
         surrogate_backbone: backbone config of an inline surrogate (default: ``backbone``).
         reference_checkpoints: further clean classification checkpoints for Ind-M suppression.
-        trained_references: ``{epochs, seeds, lr, thief_augmented}`` -- clean models of every
-            held-out family (:meth:`heldout_families`) trained here, ``epochs`` passes over the clean
+        trained_references: ``{epochs, seeds, lr, thief_augmented, families}`` -- clean models of each
+            held-out family (:meth:`heldout_families`, or those named) trained here, ``epochs`` passes over the clean
             training split per seed (through the thief's augmentation when ``thief_augmented``),
             before the first iteration, then frozen in the Ind-M term: an innocent party's fully
             trained model, where a clean twin gets only the warm-up. ``epochs: 0`` = none.
