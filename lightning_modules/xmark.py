@@ -273,7 +273,7 @@ class XMarkModule(TaskModule):
         return int(self.iterations) < self.hparams.warmup_steps
 
     def train_heldout_control(self, loader, epochs: int, seed: int, lr: float, backbone: dict | None = None,
-                              desc: str = "held-out control", augment: dict | None = None) -> nn.Module:
+                              desc: str = "held-out control", augment: dict | None = None, **fit) -> nn.Module:
         """A clean classifier the generator never saw: the surrogate's (or ``backbone``'s) architecture, fresh weights.
 
         The suppression terms keep *the clean models they are trained against* blind to the
@@ -282,22 +282,19 @@ class XMarkModule(TaskModule):
 
         Args:
             loader: clean training batches (``image`` B×C×H×W in [0, 1], ``label`` B long).
-            epochs: passes over ``loader`` (Adam, cross-entropy).
-            seed: initialisation and data order of this model.
-            lr: Adam learning rate.
+            epochs, seed, lr: passes over ``loader`` (cross-entropy); initialisation and data order; learning rate.
             backbone: backbone config of the model (:meth:`heldout_families`); None = the surrogate's.
-            desc: label of the progress bar (epochs x batches; drawn only on a terminal, tqdm's
-                ``disable=None``). No secret goes into it.
-            augment: ``{hflip, zoom}`` -- train on every batch through
-                :func:`datamodules.transforms.thief_augment` (an innocent party's usual pipeline,
-                :meth:`heldout_augmentations`); None = the batches as they come.
+            desc: label of the progress bar (tqdm, drawn only on a terminal). No secret goes into it.
+            augment: ``{hflip, zoom}``: every batch through :func:`datamodules.transforms.thief_augment`
+                (an innocent party's usual pipeline, :meth:`heldout_augmentations`); None = as they come.
+            **fit: ``weight_decay``, ``schedule`` of :func:`fit_clean_classifier` (default Adam, constant lr).
         Returns:
             the trained model, on the CPU, in eval mode, frozen.
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = instantiate(no_pretrained(copy.deepcopy(backbone or self.surrogate_config))).to(self.device)
-            fit_clean_classifier(model, loader, epochs, lr, desc=desc,
+            fit_clean_classifier(model, loader, epochs, lr, desc=desc, **fit,
                                  augment=(lambda x: thief_augment_fn(x, **augment)) if augment else None)
         return model.cpu().eval().requires_grad_(False)
 
@@ -370,21 +367,24 @@ class XMarkModule(TaskModule):
     def train_references(self, loader) -> None:
         """Train every ``trained_references`` model on clean batches (``image``, ``label``), then freeze it.
 
-        Each is :meth:`train_heldout_control` with its family and seed; under DDP rank 0's weights
-        are broadcast, so every rank suppresses δ against the same clean models."""
+        Each is :meth:`train_heldout_control` with its family, seed and optimiser settings. Under DDP
+        rank ``i % world_size`` trains the ``i``-th and broadcasts it: no rank repeats another's work,
+        and every rank suppresses δ against the same clean models."""
         settings = self.hparams.trained_references
         augment = self.heldout_augmentations().get("+thief_augment") if settings["thief_augmented"] else None
-        families = self.heldout_families()
-        for key, model in self.trained_references.items():
-            family, seed = key.rsplit("_seed", 1)
-            started = time.time()
-            trained = self.train_heldout_control(loader, settings["epochs"], int(seed), settings["lr"],
-                                                 families[family], desc=f"trained reference {key}", augment=augment)
-            state = trained.state_dict()
-            model.load_state_dict(self.trainer.strategy.broadcast(state, src=0) if self._trainer else state)
+        families, fit = self.heldout_families(), {name: settings[name] for name in ("weight_decay", "schedule")}
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer else (1, 0)
+        for index, (key, model) in enumerate(self.trained_references.items()):
+            if index % world == rank:
+                family, seed = key.rsplit("_seed", 1)
+                started = time.time()
+                model.load_state_dict(self.train_heldout_control(loader, settings["epochs"], int(seed), settings["lr"],
+                                      families[family], f"trained reference {key}", augment, **fit).state_dict())
+                log.info("trained reference %s (%d epochs) in %.0f s", key, settings["epochs"], time.time() - started)
+        for index, model in enumerate(self.trained_references.values()):
+            if world > 1:  # every rank takes part in every broadcast, in the same order
+                model.load_state_dict(self.trainer.strategy.broadcast(model.state_dict(), src=index % world))
             model.eval().requires_grad_(False)
-            log.info("trained reference %s: %d epochs on the clean training split%s in %.0f s", key,
-                     settings["epochs"], " (thief's augmentation)" if augment else "", time.time() - started)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -23,7 +23,9 @@ from datamodules.transforms import thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
 
 #: Fields of ``method.trained_references``.
-TRAINED_REFERENCE_FIELDS = ("epochs", "seeds", "lr", "thief_augmented", "families")
+TRAINED_REFERENCE_FIELDS = ("epochs", "seeds", "lr", "weight_decay", "schedule", "thief_augmented", "families")
+#: Learning-rate schedules of :func:`fit_clean_classifier`.
+SCHEDULES = ("constant", "cosine")
 
 
 def no_pretrained(config: dict) -> dict:
@@ -61,7 +63,9 @@ def trained_reference_settings(config: dict | None) -> dict:
     """``method.trained_references`` checked and completed.
 
     Returns ``{"epochs": int >= 0, "seeds": [int, ...] (distinct), "lr": float > 0,
-    "thief_augmented": bool, "families": [str, ...] | None}``; ``epochs == 0`` (the default) = no
+    "weight_decay": float >= 0, "schedule": "constant" | "cosine", "thief_augmented": bool,
+    "families": [str, ...] | None}`` (optimiser and schedule as :func:`fit_clean_classifier`
+    takes them); ``epochs == 0`` (the default) = no
     trained references; ``families`` None = every held-out family (:func:`select_families` checks names).
     Raises ValueError naming the field.
     """
@@ -82,7 +86,13 @@ def trained_reference_settings(config: dict | None) -> dict:
                          "give method.trained_references.seeds")
     if not lr > 0:
         raise ValueError(f"method.trained_references.lr must be > 0, got {lr}")
+    weight_decay, schedule = float(settings.get("weight_decay", 0.0)), str(settings.get("schedule", "constant"))
+    if not weight_decay >= 0:
+        raise ValueError(f"method.trained_references.weight_decay must be >= 0, got {weight_decay}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"method.trained_references.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     return {"epochs": epochs, "seeds": seeds if epochs > 0 else [], "lr": lr,
+            "weight_decay": weight_decay, "schedule": schedule,
             "thief_augmented": bool(settings.get("thief_augmented", True)),
             "families": None if settings.get("families") is None else [str(f) for f in settings["families"]]}
 
@@ -101,23 +111,33 @@ def select_families(families: dict[str, dict], names: list[str] | None) -> dict[
 
 def fit_clean_classifier(model: nn.Module, loader: Iterable[dict], epochs: int, lr: float,
                          augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                         desc: str = "clean classifier") -> nn.Module:
-    """Train ``model`` in place with Adam and cross-entropy on clean labelled batches.
+                         desc: str = "clean classifier", weight_decay: float = 0.0,
+                         schedule: str = "constant") -> nn.Module:
+    """Train ``model`` in place with Adam(W) and cross-entropy on clean labelled batches.
 
     Args:
         model: a classifier mapping B×C×H×W images in [0, 1] to B×K logits, already on its device.
         loader: batches with ``image`` (B×C×H×W in [0, 1]) and ``label`` (B, long class indices).
         epochs: passes over ``loader``.
-        lr: Adam learning rate.
+        lr: (initial) learning rate.
         augment: applied to every batch of images before the forward pass (e.g. the thief's
             flips and zooms); None = the batches as they come.
         desc: label of the progress bar (epochs x batches; drawn only on a terminal, tqdm's
             ``disable=None``). No secret goes into it.
+        weight_decay: decoupled weight decay (AdamW); 0 = plain Adam.
+        schedule: ``"constant"`` lr, or ``"cosine"`` — annealed to 0 over ``epochs``, stepped once
+            per epoch, the schedule ``train.py`` trains a classifier with (configs/method/task.yaml),
+            so a model trained here answers like an innocent party's ``train.py`` model.
     Returns:
         ``model``, still in training mode (the caller freezes it).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(lr))
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=float(lr), weight_decay=float(weight_decay))
+                 if weight_decay else torch.optim.Adam(model.parameters(), lr=float(lr)))
+    annealing = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(epochs), 1))
+                 if schedule == "cosine" else None)
     model.train()
     with tqdm(total=int(epochs) * len(loader), desc=desc, unit="batch", disable=None, leave=False) as bar:
         for _ in range(int(epochs)):
@@ -129,4 +149,6 @@ def fit_clean_classifier(model: nn.Module, loader: Iterable[dict], epochs: int, 
                 loss.backward()
                 optimizer.step()
                 bar.update(1)
+            if annealing is not None:
+                annealing.step()
     return model

@@ -3,11 +3,13 @@
 One clean model per seed and held-out family is built with the module (so checkpoints load),
 trained before the first iteration exactly like a held-out control of that family and seed,
 frozen, and read by the Ind-M term; bad settings and seeds shared with the held-out controls
-are refused by name; a resumed run does not retrain them; under DDP rank 0's weights are used.
+are refused by name; a resumed run does not retrain them; under DDP each is trained by one rank
+and broadcast from it.
 """
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +49,9 @@ def _separable_batches(n_batches: int = 3, size: int = 32) -> list[dict]:
     (_references(2, [3], families="[resnet18]"), r"families: \['resnet18'\] — this run's held-out families are "
                                                    r"\['surrogate'\]"),
     (_references(2, [3], families="[]"), "families: an empty list"),
+    (_references(2, [3], weight_decay=-0.1), "trained_references.weight_decay must be >= 0"),
+    (_references(2, [3], schedule="step"), r"trained_references.schedule must be one of \['constant', 'cosine'\], "
+                                           r"got 'step'"),
 ])
 def test_bad_trained_reference_settings_are_refused_by_name(tmp_path, change, message):
     with pytest.raises(Exception, match=message):
@@ -112,8 +117,9 @@ def test_references_are_trained_like_a_heldout_control_then_frozen(tmp_path, mon
     assert accuracy >= 0.9
 
 
-def _attach_trainer(module, loader, broadcast):
-    module._trainer = SimpleNamespace(num_training_batches=len(loader), max_epochs=100,
+def _attach_trainer(module, loader, broadcast, world_size: int = 1, global_rank: int = 0):
+    module._trainer = SimpleNamespace(num_training_batches=len(loader), max_epochs=100, world_size=world_size,
+                                      global_rank=global_rank,
                                       datamodule=SimpleNamespace(train_dataloader=lambda: loader),
                                       strategy=SimpleNamespace(broadcast=broadcast))
 
@@ -123,7 +129,8 @@ def test_train_start_trains_references_once_and_loads_rank_zeros_weights(tmp_pat
     loader = _separable_batches(1)
     rank_zero = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v
                  for k, v in module.trained_references["surrogate_seed3"].state_dict().items()}
-    _attach_trainer(module, loader, lambda obj, src=0: rank_zero)  # another rank: rank 0's weights arrive
+    # rank 1 of 2: the only reference is rank 0's to train, its weights arrive by broadcast
+    _attach_trainer(module, loader, lambda obj, src=0: rank_zero, world_size=2, global_rank=1)
     calls = []
     monkeypatch.setattr(module, "train_references", lambda batches: calls.append(batches))
     module.iterations.fill_(5)  # resumed: the checkpoint holds the trained references
@@ -133,10 +140,70 @@ def test_train_start_trains_references_once_and_loads_rank_zeros_weights(tmp_pat
     module.on_train_start()
     assert calls == [loader]  # a fresh run: trained once, on the data module's clean training batches
     monkeypatch.undo()
+    monkeypatch.setattr(module, "train_heldout_control", lambda *a, **k: pytest.fail("rank 1 trained rank 0's model"))
     module.iterations.fill_(0)
     module.on_train_start()
     for got, want in zip(module.trained_references["surrogate_seed3"].state_dict().values(), rank_zero.values()):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("world_size, global_rank, trained, sources", [
+    (1, 0, ["surrogate_seed3", "surrogate_seed4", "surrogate_seed5"], []),  # one process: no broadcast at all
+    (2, 0, ["surrogate_seed3", "surrogate_seed5"], [0, 1, 0]),
+    (2, 1, ["surrogate_seed4"], [0, 1, 0]),
+    (3, 2, ["surrogate_seed5"], [0, 1, 2]),
+])
+def test_each_reference_is_trained_by_one_rank_and_broadcast_from_it(tmp_path, monkeypatch, world_size,
+                                                                      global_rank, trained, sources):
+    module, _ = build_module(SINGLE + _references(1, [3, 4, 5], schedule="cosine", weight_decay=0.01), tmp_path)
+    loader = _separable_batches(1)
+    calls, broadcasts = [], []
+
+    def fake_control(batches, epochs, seed, lr, backbone, desc, augment, **fit):
+        calls.append((desc.rsplit(" ", 1)[-1], fit))
+        model = module.trained_references[f"surrogate_seed{seed}"]
+        return SimpleNamespace(state_dict=lambda: {k: torch.full_like(v, seed) if v.is_floating_point() else v
+                                                   for k, v in model.state_dict().items()})
+
+    def broadcast(state, src=0):
+        broadcasts.append(src)
+        return {k: torch.full_like(v, 100 + src) if v.is_floating_point() else v for k, v in state.items()}
+
+    _attach_trainer(module, loader, broadcast, world_size=world_size, global_rank=global_rank)
+    monkeypatch.setattr(module, "train_heldout_control", fake_control)
+    module.train_references(loader)
+    assert [key for key, _ in calls] == trained  # no rank repeats another's work
+    assert all(fit == {"weight_decay": 0.01, "schedule": "cosine"} for _, fit in calls)  # the settings reach the loop
+    assert broadcasts == sources  # every rank joins every broadcast, in the same order
+    for index, (key, model) in enumerate(module.trained_references.items()):
+        value = 100 + index % world_size if world_size > 1 else int(key[-1])
+        assert all(torch.all(p == value) for p in model.parameters()) and not model.training
+
+
+def test_cosine_schedule_anneals_the_learning_rate_once_per_epoch(monkeypatch):
+    from lightning_modules.xmark_clean_models import fit_clean_classifier
+
+    seen: dict[str, list[float]] = {"Adam": [], "AdamW": []}
+
+    def recording(base):
+        class Recording(base):
+            def step(self, closure=None):
+                seen[base.__name__].append(self.param_groups[0]["lr"])
+                return super().step(closure)
+        return Recording
+
+    monkeypatch.setattr(torch.optim, "Adam", recording(torch.optim.Adam))
+    monkeypatch.setattr(torch.optim, "AdamW", recording(torch.optim.AdamW))
+    loader = _separable_batches(2)
+    fit_clean_classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)), loader, 2, 0.1)
+    assert seen == {"Adam": [0.1] * 4, "AdamW": []}  # the default: Adam at a constant rate
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2))
+    fit_clean_classifier(model, loader, 4, 0.1, weight_decay=0.01, schedule="cosine")
+    expected = [0.1 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4) for _ in range(2)]
+    assert seen["AdamW"] == pytest.approx(expected)  # T_max = epochs, one step per epoch (not per batch)
+    assert seen["AdamW"][-1] > 0  # the last epoch still learns
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        fit_clean_classifier(model, loader, 1, 0.1, schedule="linear")
 
 
 def test_release_refuses_heldout_seeds_the_references_share(tmp_path):
@@ -181,5 +248,6 @@ def test_a_run_with_trained_references_releases_them_as_controls(tmp_path, monke
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), module.frozen_copy[key])), key
     # surrogate + 3 trained references + 2 clean twins, each recorded as a reference control
     assert sorted(release["control"]) == [f"reference_{i}" for i in range(6)]
-    assert dict(module.hparams.trained_references) == {"epochs": 1, "seeds": [3], "lr": 1e-3, "thief_augmented": True,
+    assert dict(module.hparams.trained_references) == {"epochs": 1, "seeds": [3], "lr": 1e-3, "weight_decay": 0.0,
+                                                       "schedule": "constant", "thief_augmented": True,
                                                        "families": None}
