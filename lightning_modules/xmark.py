@@ -365,11 +365,9 @@ class XMarkModule(TaskModule):
             self.train_references(datamodule.train_dataloader() if datamodule else self.trainer.train_dataloader)
 
     def train_references(self, loader) -> None:
-        """Train every ``trained_references`` model on clean batches (``image``, ``label``), then freeze it.
-
-        Each is :meth:`train_heldout_control` with its family, seed and optimiser settings. Under DDP
-        rank ``i % world_size`` trains the ``i``-th and broadcasts it: no rank repeats another's work,
-        and every rank suppresses δ against the same clean models."""
+        """Train every ``trained_references`` model on clean batches (``image``, ``label``), then freeze it:
+        each is :meth:`train_heldout_control` with its family, seed and optimiser settings. Under DDP rank
+        ``i % world_size`` trains the ``i``-th and broadcasts it (no rank repeats another's work)."""
         settings = self.hparams.trained_references
         augment = self.heldout_augmentations().get("+thief_augment") if settings["thief_augmented"] else None
         families, fit = self.heldout_families(), {name: settings[name] for name in ("weight_decay", "schedule")}
@@ -382,8 +380,9 @@ class XMarkModule(TaskModule):
                                       families[family], f"trained reference {key}", augment, **fit).state_dict())
                 log.info("trained reference %s (%d epochs) in %.0f s", key, settings["epochs"], time.time() - started)
         for index, model in enumerate(self.trained_references.values()):
-            if world > 1:  # every rank takes part in every broadcast, in the same order
-                model.load_state_dict(self.trainer.strategy.broadcast(model.state_dict(), src=index % world))
+            if world > 1:  # every rank joins every broadcast, in order; CPU tensors unpickle on any rank's device
+                state = {name: value.cpu() for name, value in model.state_dict().items()}
+                model.load_state_dict(self.trainer.strategy.broadcast(state, src=index % world))
             model.eval().requires_grad_(False)
 
     def train(self, mode: bool = True):
