@@ -49,6 +49,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure  #
 from datamodules.dicom import check_grey_writable, is_dicom_path, write_grey_dicom  # noqa: E402
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
 from callbacks.figures import save_and_log_figure  # noqa: E402
+from lightning_modules.xmark_clean_models import SCHEDULES  # noqa: E402
 from models.safe_reader import ModelFileError, load_model_checkpoint  # noqa: E402
 from watermark.imageio import quantise  # noqa: E402
 from watermark.xmark.marker import mark_native, mark_native_unit, marker_sha256, query_pairs  # noqa: E402
@@ -126,7 +127,8 @@ class XMarkRelease(Callback):
         thresholds: ``{tau, alpha}``, pre-registered in the secret.
         owner_id: certificate field.
         private_key: owner's Ed25519 PEM; null = create ``<owner_dir>/owner_private_key.pem``.
-        heldout_control: ``{epochs, seeds, lr, proxy_families, thief_augmented}`` -- train one clean model of
+        heldout_control: ``{epochs, seeds, lr, weight_decay, schedule, proxy_families, thief_augmented}`` --
+            (optimiser and schedule as :func:`lightning_modules.xmark_clean_models.fit_clean_classifier`) train one clean model of
             the surrogate's architecture per seed (and, with ``proxy_families``, one of each extra
             proxy family of the ensemble, e.g. a clean VGG; with ``thief_augmented`` and
             ``method.thief_augment`` on, each of them also once more with the thief's
@@ -166,17 +168,23 @@ class XMarkRelease(Callback):
         self.batch_size = int(batch_size)
         held = heldout_control or {}
         held = OmegaConf.to_container(held, resolve=True) if isinstance(held, DictConfig) else dict(held)
-        fields = ("epochs", "seeds", "lr", "proxy_families", "thief_augmented")
+        fields = ("epochs", "seeds", "lr", "weight_decay", "schedule", "proxy_families", "thief_augmented")
         unknown = sorted(set(held) - set(fields))
         if unknown:
             raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} "
                              f"({', '.join(fields)})")
         self.heldout_control = {"epochs": int(held.get("epochs", 0)), "seeds": [int(v) for v in held.get("seeds", [])],
-                                "lr": float(held.get("lr", 1e-3)),
+                                "lr": float(held.get("lr", 1e-3)), "weight_decay": float(held.get("weight_decay", 0.0)),
+                                "schedule": str(held.get("schedule", "constant")),
                                 "proxy_families": bool(held.get("proxy_families", False)),
                                 "thief_augmented": bool(held.get("thief_augmented", False))}
         if self.heldout_control["epochs"] < 0:
             raise ValueError("callbacks.xmark_release.heldout_control.epochs must be >= 0")
+        if not self.heldout_control["weight_decay"] >= 0:
+            raise ValueError("callbacks.xmark_release.heldout_control.weight_decay must be >= 0")
+        if self.heldout_control["schedule"] not in SCHEDULES:
+            raise ValueError(f"callbacks.xmark_release.heldout_control.schedule must be one of {list(SCHEDULES)}, "
+                             f"got {self.heldout_control['schedule']!r}")
         self.control_checkpoints = [str(p) for p in (control_checkpoints or [])]
         self.heldout_architectures: list[str] = []  # filled by heldout_models, one per held-out control
 
@@ -202,7 +210,8 @@ class XMarkRelease(Callback):
                     started = time.time()
                     models.append(pl_module.train_heldout_control(
                         datamodule.train_dataloader(), epochs, seed, self.heldout_control["lr"], backbone,
-                        desc=f"held-out control {len(models)} ({family}{suffix}, seed {seed})", augment=augment))
+                        desc=f"held-out control {len(models)} ({family}{suffix}, seed {seed})", augment=augment,
+                        weight_decay=self.heldout_control["weight_decay"], schedule=self.heldout_control["schedule"]))
                     name = (backbone or {}).get("name") or getattr(models[-1], "name", None) or family
                     self.heldout_architectures.append(f"{name}{suffix}")
                     log.info("held-out control %d: %s (%s%s, seed %d) trained %d epochs on the clean training split "
@@ -304,6 +313,14 @@ class XMarkRelease(Callback):
         if shared and self.heldout_control["epochs"] > 0:
             raise ValueError(f"method.trained_references.seeds and callbacks.xmark_release.heldout_control.seeds "
                              f"share {shared}: a clean model the generator was trained against is no held-out control")
+        if references.get("epochs", 0) > 0 and not self.control_checkpoints:
+            # Measured (docs/xmark.md, `fam_s7`): the Ind-M term hid δ from clean models trained the way
+            # its references are, every held-out control (trained alike) failed, and 2 of 3 innocent
+            # ResNet18s trained by train.py passed. Only a control trained like a suspect shows that.
+            log.warning("method.trained_references is on and callbacks.xmark_release.control_checkpoints is empty: "
+                        "held-out controls trained like the references can miss a δ that clean models trained by "
+                        "train.py answer to (false claims measured, docs/xmark.md); list train.py checkpoints of "
+                        "the suspects' architectures there")
         datamodule = trainer.datamodule
         if datamodule is None or not getattr(datamodule, "splits", None) or not hasattr(pl_module, "target_class"):
             return  # on_fit_end names what is missing

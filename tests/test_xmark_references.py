@@ -223,6 +223,45 @@ def test_release_refuses_heldout_seeds_the_references_share(tmp_path):
     release(0, [2]).on_fit_start(trainer, module)  # no held-out control is trained
 
 
+def test_release_warns_when_trained_references_have_no_checkpoint_controls(tmp_path, caplog):
+    from callbacks.xmark import XMarkRelease
+
+    trainer = SimpleNamespace(datamodule=None)
+    common = dict(output_dir=".", release_dir="r", owner_dir="o", data={}, fraction=1.0, seed=5, verification={},
+                  thresholds={}, owner_id="t", heldout_control={"epochs": 1, "seeds": [1]})
+    with_references, _ = build_module(SINGLE + _references(1, [2]), tmp_path)
+    without, _ = build_module(SINGLE, tmp_path)
+    caplog.set_level("WARNING", logger="medmark.xmark")
+    XMarkRelease(**common).on_fit_start(trainer, without)
+    XMarkRelease(**common, control_checkpoints=["a.ckpt"]).on_fit_start(trainer, with_references)
+    assert "control_checkpoints is empty" not in caplog.text  # no references, or a train.py control given
+    XMarkRelease(**common).on_fit_start(trainer, with_references)
+    assert "method.trained_references is on and callbacks.xmark_release.control_checkpoints is empty" in caplog.text
+
+
+def test_heldout_controls_take_the_optimiser_and_schedule_they_are_given():
+    from callbacks.xmark import XMarkRelease
+
+    common = dict(output_dir=".", release_dir="r", owner_dir="o", data={}, fraction=1.0, seed=5, verification={},
+                  thresholds={}, owner_id="t")
+    for field, value, message in [("weight_decay", -1e-4, "heldout_control.weight_decay must be >= 0"),
+                                  ("schedule", "cosin", r"heldout_control.schedule must be one of "
+                                                        r"\['constant', 'cosine'\], got 'cosin'")]:
+        with pytest.raises(ValueError, match=message):
+            XMarkRelease(heldout_control={"epochs": 1, "seeds": [1], field: value}, **common)
+    calls = []
+    module = SimpleNamespace(heldout_families=lambda: {"surrogate": None},
+                             train_heldout_control=lambda *args, **kwargs: calls.append(kwargs) or torch.nn.Identity())
+    release = XMarkRelease(heldout_control={"epochs": 1, "seeds": [1, 2], "schedule": "cosine", "weight_decay": 1e-4},
+                           **common)
+    release.heldout_models(module, SimpleNamespace(train_dataloader=lambda: []))
+    assert [(c["schedule"], c["weight_decay"]) for c in calls] == [("cosine", 1e-4)] * 2
+    calls.clear()
+    XMarkRelease(heldout_control={"epochs": 1, "seeds": [1]}, **common).heldout_models(
+        module, SimpleNamespace(train_dataloader=lambda: []))
+    assert [(c["schedule"], c["weight_decay"]) for c in calls] == [("constant", 0.0)]  # the default: as before
+
+
 def test_a_run_with_trained_references_releases_them_as_controls(tmp_path, monkeypatch):
     from lightning_modules.xmark import XMarkModule
 
