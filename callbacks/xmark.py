@@ -127,10 +127,10 @@ class XMarkRelease(Callback):
         thresholds: ``{tau, alpha}``, pre-registered in the secret.
         owner_id: certificate field.
         private_key: owner's Ed25519 PEM; null = create ``<owner_dir>/owner_private_key.pem``.
-        heldout_control: ``{epochs, seeds, lr, weight_decay, schedule, proxy_families, thief_augmented}`` --
-            (optimiser and schedule as :func:`lightning_modules.xmark_clean_models.fit_clean_classifier`) train one clean model of
-            the surrogate's architecture per seed (and, with ``proxy_families``, one of each extra
-            proxy family of the ensemble, e.g. a clean VGG; with ``thief_augmented`` and
+        heldout_control: ``{epochs, seeds, lr, weight_decay, schedule, proxy_families, thief_augmented}``
+            (optimiser and schedule: :func:`lightning_modules.xmark_clean_models.fit_clean_classifier`) --
+            train one clean model of the surrogate's architecture per seed (and, with ``proxy_families``,
+            one of each extra proxy family of the ensemble, e.g. a clean VGG; with ``thief_augmented`` and
             ``method.thief_augment`` on, each of them also once more with the thief's
             augmentation, named ``<architecture>+thief_augment``), which the generator never saw
             (``epochs: 0`` or no seeds = none), and record them as controls ``heldout_0..``

@@ -126,8 +126,9 @@ def fit_clean_classifier(model: nn.Module, loader: Iterable[dict], epochs: int, 
             ``disable=None``). No secret goes into it.
         weight_decay: decoupled weight decay (AdamW); 0 = plain Adam.
         schedule: ``"constant"`` lr, or ``"cosine"`` — annealed to 0 over ``epochs``, stepped once
-            per epoch, the schedule ``train.py`` trains a classifier with (configs/method/task.yaml),
-            so a model trained here answers like an innocent party's ``train.py`` model.
+            per epoch, the schedule ``train.py`` trains a classifier with (configs/method/task.yaml).
+            Still not a ``train.py`` model (no validation-selected checkpoint, another augmentation
+            code path): docs/xmark.md measured δ that such models answer to and these do not.
     Returns:
         ``model``, still in training mode (the caller freezes it).
     """
