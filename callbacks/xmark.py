@@ -49,7 +49,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure  #
 from datamodules.dicom import check_grey_writable, is_dicom_path, write_grey_dicom  # noqa: E402
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
 from callbacks.figures import save_and_log_figure  # noqa: E402
-from lightning_modules.xmark_clean_models import SCHEDULES  # noqa: E402
+from lightning_modules.xmark_clean_models import optimiser_settings  # noqa: E402
 from models.safe_reader import ModelFileError, load_model_checkpoint  # noqa: E402
 from watermark.imageio import quantise  # noqa: E402
 from watermark.xmark.marker import mark_native, mark_native_unit, marker_sha256, query_pairs  # noqa: E402
@@ -174,17 +174,12 @@ class XMarkRelease(Callback):
             raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} "
                              f"({', '.join(fields)})")
         self.heldout_control = {"epochs": int(held.get("epochs", 0)), "seeds": [int(v) for v in held.get("seeds", [])],
-                                "lr": float(held.get("lr", 1e-3)), "weight_decay": float(held.get("weight_decay", 0.0)),
-                                "schedule": str(held.get("schedule", "constant")),
+                                "lr": float(held.get("lr", 1e-3)),
+                                **optimiser_settings(held, "callbacks.xmark_release.heldout_control"),
                                 "proxy_families": bool(held.get("proxy_families", False)),
                                 "thief_augmented": bool(held.get("thief_augmented", False))}
         if self.heldout_control["epochs"] < 0:
             raise ValueError("callbacks.xmark_release.heldout_control.epochs must be >= 0")
-        if not self.heldout_control["weight_decay"] >= 0:
-            raise ValueError("callbacks.xmark_release.heldout_control.weight_decay must be >= 0")
-        if self.heldout_control["schedule"] not in SCHEDULES:
-            raise ValueError(f"callbacks.xmark_release.heldout_control.schedule must be one of {list(SCHEDULES)}, "
-                             f"got {self.heldout_control['schedule']!r}")
         self.control_checkpoints = [str(p) for p in (control_checkpoints or [])]
         self.heldout_architectures: list[str] = []  # filled by heldout_models, one per held-out control
 
@@ -211,7 +206,7 @@ class XMarkRelease(Callback):
                     models.append(pl_module.train_heldout_control(
                         datamodule.train_dataloader(), epochs, seed, self.heldout_control["lr"], backbone,
                         desc=f"held-out control {len(models)} ({family}{suffix}, seed {seed})", augment=augment,
-                        weight_decay=self.heldout_control["weight_decay"], schedule=self.heldout_control["schedule"]))
+                        **{name: self.heldout_control[name] for name in ("weight_decay", "schedule")}))
                     name = (backbone or {}).get("name") or getattr(models[-1], "name", None) or family
                     self.heldout_architectures.append(f"{name}{suffix}")
                     log.info("held-out control %d: %s (%s%s, seed %d) trained %d epochs on the clean training split "

@@ -59,6 +59,17 @@ def thief_augment_settings(config: dict | None) -> dict:
     return augment
 
 
+def optimiser_settings(settings: dict, field: str) -> dict:
+    """``{"weight_decay": float >= 0, "schedule": one of SCHEDULES}`` of a config dict (defaults 0.0,
+    ``constant``): the keyword arguments of :func:`fit_clean_classifier`. Raises ValueError naming ``field``."""
+    weight_decay, schedule = float(settings.get("weight_decay", 0.0)), str(settings.get("schedule", "constant"))
+    if not weight_decay >= 0:
+        raise ValueError(f"{field}.weight_decay must be >= 0, got {weight_decay}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{field}.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    return {"weight_decay": weight_decay, "schedule": schedule}
+
+
 def trained_reference_settings(config: dict | None) -> dict:
     """``method.trained_references`` checked and completed.
 
@@ -86,13 +97,8 @@ def trained_reference_settings(config: dict | None) -> dict:
                          "give method.trained_references.seeds")
     if not lr > 0:
         raise ValueError(f"method.trained_references.lr must be > 0, got {lr}")
-    weight_decay, schedule = float(settings.get("weight_decay", 0.0)), str(settings.get("schedule", "constant"))
-    if not weight_decay >= 0:
-        raise ValueError(f"method.trained_references.weight_decay must be >= 0, got {weight_decay}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"method.trained_references.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     return {"epochs": epochs, "seeds": seeds if epochs > 0 else [], "lr": lr,
-            "weight_decay": weight_decay, "schedule": schedule,
+            **optimiser_settings(settings, "method.trained_references"),
             "thief_augmented": bool(settings.get("thief_augmented", True)),
             "families": None if settings.get("families") is None else [str(f) for f in settings["families"]]}
 
