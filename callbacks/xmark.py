@@ -49,7 +49,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure  #
 from datamodules.dicom import check_grey_writable, is_dicom_path, write_grey_dicom  # noqa: E402
 from datamodules.synthetic import MARKER_NAME  # noqa: E402
 from callbacks.figures import save_and_log_figure  # noqa: E402
-from lightning_modules.xmark_clean_models import optimiser_settings  # noqa: E402
+from lightning_modules.xmark_clean_models import optimiser_settings, pipeline_setting  # noqa: E402
 from models.safe_reader import ModelFileError, load_model_checkpoint  # noqa: E402
 from watermark.imageio import quantise  # noqa: E402
 from watermark.xmark.marker import mark_native, mark_native_unit, marker_sha256, query_pairs  # noqa: E402
@@ -138,6 +138,9 @@ class XMarkRelease(Callback):
             training loop are blind to the mark by construction, so only models outside it can
             show that δ has become a transferable adversarial perturbation (then no verdict can
             be claimed). Whether one clean model picks δ up depends on its seed, hence several.
+            ``pipeline: train_py``: each of them is instead a ``method=task`` run of train.py trained before the
+            fit (:mod:`utils.clean_model_runs`, best-by-validation checkpoint, as a suspect is trained) and
+            appended to ``control_checkpoints``; ``loop`` (default): trained here at release.
         control_checkpoints: further clean classifier checkpoints, never seen by the generator,
             recorded as controls ``heldout_1..``.
     """
@@ -168,7 +171,7 @@ class XMarkRelease(Callback):
         self.batch_size = int(batch_size)
         held = heldout_control or {}
         held = OmegaConf.to_container(held, resolve=True) if isinstance(held, DictConfig) else dict(held)
-        fields = ("epochs", "seeds", "lr", "weight_decay", "schedule", "proxy_families", "thief_augmented")
+        fields = ("epochs", "seeds", "lr", "weight_decay", "schedule", "proxy_families", "thief_augmented", "pipeline")
         unknown = sorted(set(held) - set(fields))
         if unknown:
             raise ValueError(f"callbacks.xmark_release.heldout_control: unknown field(s) {unknown} "
@@ -177,7 +180,8 @@ class XMarkRelease(Callback):
                                 "lr": float(held.get("lr", 1e-3)),
                                 **optimiser_settings(held, "callbacks.xmark_release.heldout_control"),
                                 "proxy_families": bool(held.get("proxy_families", False)),
-                                "thief_augmented": bool(held.get("thief_augmented", False))}
+                                "thief_augmented": bool(held.get("thief_augmented", False)),
+                                "pipeline": pipeline_setting(held, "callbacks.xmark_release.heldout_control")}
         if self.heldout_control["epochs"] < 0:
             raise ValueError("callbacks.xmark_release.heldout_control.epochs must be >= 0")
         self.control_checkpoints = [str(p) for p in (control_checkpoints or [])]
@@ -199,7 +203,9 @@ class XMarkRelease(Callback):
         augmentations = {"": None}
         if self.heldout_control["thief_augmented"] and hasattr(pl_module, "heldout_augmentations"):
             augmentations = pl_module.heldout_augmentations()
-        for seed in self.heldout_control["seeds"] if epochs > 0 else []:
+        # train_py: utils.clean_model_runs trained them before the fit and listed them in control_checkpoints
+        train_here = epochs > 0 and self.heldout_control["pipeline"] == "loop"
+        for seed in self.heldout_control["seeds"] if train_here else []:
             for family, backbone in self.heldout_families(pl_module).items():
                 for suffix, augment in augmentations.items():
                     started = time.time()
@@ -213,11 +219,14 @@ class XMarkRelease(Callback):
                              "in %.0f s", len(models) - 1, family, name, suffix, seed, epochs, time.time() - started)
         for i, path in enumerate(self.control_checkpoints):
             try:
-                model, _ = load_model_checkpoint(path, task="classification")
+                model, hparams = load_model_checkpoint(path, task="classification")
             except ModelFileError as err:
                 raise ValueError(f"callbacks.xmark_release.control_checkpoints[{i}]: {err}") from None
             models.append(model.eval().requires_grad_(False))
-            self.heldout_architectures.append(f"control_checkpoints[{i}]")
+            backbone = hparams.get("backbone")
+            name = backbone.get("name") if isinstance(backbone, dict) else None
+            self.heldout_architectures.append(f"{name} (control_checkpoints[{i}])" if name else
+                                              f"control_checkpoints[{i}]")
         return models
 
     def _owner_keys(self):
@@ -298,16 +307,21 @@ class XMarkRelease(Callback):
                 "linf": linf, "epsilon": marker.epsilon,
                 "linf_within_epsilon": bool(linf <= marker.epsilon + 1e-9)}
 
+    def refuse_shared_seeds(self, references: dict) -> None:
+        """ValueError when trained held-out controls share a seed with ``method.trained_references`` (checked
+        settings): a clean model the generator was trained against is no held-out control."""
+        shared = sorted(set(references.get("seeds", [])) & set(self.heldout_control["seeds"]))
+        if shared and self.heldout_control["epochs"] > 0 and references.get("epochs", 0) > 0:
+            raise ValueError(f"method.trained_references.seeds and callbacks.xmark_release.heldout_control.seeds "
+                             f"share {shared}: a clean model the generator was trained against is no held-out control")
+
     # -- the hooks --------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Before any training: refuse held-out control seeds that are also trained-reference seeds, and a DICOM
         image the release would have to mark but could not write (colour, not 8/16-bit; DatasetError naming the
         file and field, train.py exit 2)."""
         references = getattr(pl_module, "hparams", {}).get("trained_references") or {}
-        shared = sorted(set(references.get("seeds", [])) & set(self.heldout_control["seeds"]))
-        if shared and self.heldout_control["epochs"] > 0:
-            raise ValueError(f"method.trained_references.seeds and callbacks.xmark_release.heldout_control.seeds "
-                             f"share {shared}: a clean model the generator was trained against is no held-out control")
+        self.refuse_shared_seeds(references)
         if references.get("epochs", 0) > 0 and not self.control_checkpoints:
             # Measured (docs/xmark.md, `fam_s7`): the Ind-M term hid δ from clean models trained the way
             # its references are, every held-out control (trained alike) failed, and 2 of 3 innocent

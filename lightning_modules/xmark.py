@@ -79,8 +79,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from datamodules.transforms import random_rescale
-from datamodules.transforms import thief_augment as thief_augment_fn
+from datamodules.transforms import random_rescale, thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
 from lightning_modules.metrics import target_class_response
 from lightning_modules.task import TaskModule
@@ -135,11 +134,12 @@ class XMarkModule(TaskModule):
         surrogate_checkpoint: a ``method=task`` classification checkpoint; null = train inline.
         surrogate_backbone: backbone config of an inline surrogate (default: ``backbone``).
         reference_checkpoints: further clean classification checkpoints for Ind-M suppression.
-        trained_references: ``{epochs, seeds, lr, thief_augmented, families}`` -- clean models of each
-            held-out family (:meth:`heldout_families`, or those named) trained here, ``epochs`` passes over the clean
-            training split per seed (through the thief's augmentation when ``thief_augmented``),
-            before the first iteration, then frozen in the Ind-M term: an innocent party's fully
-            trained model, where a clean twin gets only the warm-up. ``epochs: 0`` = none.
+        trained_references: ``{epochs, seeds, lr, thief_augmented, families, pipeline, ...}`` -- clean models of each
+            held-out family (:meth:`heldout_families`, or those named), ``epochs`` passes over the clean training split
+            per seed (through the thief's augmentation when ``thief_augmented``), before the first iteration, then
+            frozen in the Ind-M term: an innocent party's fully trained model, where a clean twin gets only the
+            warm-up. ``epochs: 0`` = none. ``pipeline: train_py``: trained by train.py before the run and passed
+            here as ``reference_checkpoints`` (:mod:`utils.clean_model_runs`), so none is built here.
         saliency_cache_dir: folder of the EigenCAM cache (null = compute without caching).
         sign_correction: EigenCAM sign correction.
         extra_proxies: ``{name: backbone config}`` -- further proxy Mal models (other families);
@@ -249,8 +249,9 @@ class XMarkModule(TaskModule):
             {name: instantiate(no_pretrained(cfg)) for name, cfg in twin_configs.items()})
         trained = self.hparams.trained_references  # built now (checkpoints load), trained in on_train_start
         families = select_families(self.heldout_families(), trained["families"])
+        seeds = trained["seeds"] if trained["pipeline"] == "loop" else []  # train_py: in reference_checkpoints
         self.trained_references = nn.ModuleDict({f"{family}_seed{seed}": instantiate(no_pretrained(cfg))
-                                                 for seed in trained["seeds"] for family, cfg in families.items()})
+                                                 for seed in seeds for family, cfg in families.items()})
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self.generator_updates = 0  # generator optimiser steps taken by this process (not saved)
         self._saliency_cache: SaliencyCache | None = None

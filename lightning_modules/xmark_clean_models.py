@@ -23,9 +23,14 @@ from datamodules.transforms import thief_augment as thief_augment_fn
 from lightning_modules.base import to_plain
 
 #: Fields of ``method.trained_references``.
-TRAINED_REFERENCE_FIELDS = ("epochs", "seeds", "lr", "weight_decay", "schedule", "thief_augmented", "families")
+TRAINED_REFERENCE_FIELDS = ("epochs", "seeds", "lr", "weight_decay", "schedule", "thief_augmented", "families",
+                            "pipeline")
 #: Learning-rate schedules of :func:`fit_clean_classifier`.
 SCHEDULES = ("constant", "cosine")
+#: How trained references and held-out controls are trained: ``loop`` = :func:`fit_clean_classifier` inside
+#: the run; ``train_py`` = a ``method=task`` run of train.py's own code each, before the X-Mark fit
+#: (:mod:`utils.clean_model_runs`), kept at its best-by-validation checkpoint, as a suspect is.
+PIPELINES = ("loop", "train_py")
 
 
 def no_pretrained(config: dict) -> dict:
@@ -70,13 +75,22 @@ def optimiser_settings(settings: dict, field: str) -> dict:
     return {"weight_decay": weight_decay, "schedule": schedule}
 
 
+def pipeline_setting(settings: dict, field: str) -> str:
+    """``settings["pipeline"]``: one of :data:`PIPELINES` (default ``loop``). Raises ValueError naming ``field``."""
+    pipeline = str(settings.get("pipeline", "loop"))
+    if pipeline not in PIPELINES:
+        raise ValueError(f"{field}.pipeline must be one of {list(PIPELINES)}, got {pipeline!r}")
+    return pipeline
+
+
 def trained_reference_settings(config: dict | None) -> dict:
     """``method.trained_references`` checked and completed.
 
     Returns ``{"epochs": int >= 0, "seeds": [int, ...] (distinct), "lr": float > 0,
     "weight_decay": float >= 0, "schedule": "constant" | "cosine", "thief_augmented": bool,
-    "families": [str, ...] | None}`` (optimiser and schedule as :func:`fit_clean_classifier`
-    takes them); ``epochs == 0`` (the default) = no
+    "families": [str, ...] | None, "pipeline": "loop" | "train_py"}`` (optimiser and schedule as
+    :func:`fit_clean_classifier` takes them; ``train_py`` ignores them and trains as ``method=task`` does);
+    ``epochs == 0`` (the default) = no
     trained references; ``families`` None = every held-out family (:func:`select_families` checks names).
     Raises ValueError naming the field.
     """
@@ -100,7 +114,8 @@ def trained_reference_settings(config: dict | None) -> dict:
     return {"epochs": epochs, "seeds": seeds if epochs > 0 else [], "lr": lr,
             **optimiser_settings(settings, "method.trained_references"),
             "thief_augmented": bool(settings.get("thief_augmented", True)),
-            "families": None if settings.get("families") is None else [str(f) for f in settings["families"]]}
+            "families": None if settings.get("families") is None else [str(f) for f in settings["families"]],
+            "pipeline": pipeline_setting(settings, "method.trained_references")}
 
 
 def select_families(families: dict[str, dict], names: list[str] | None) -> dict[str, dict]:

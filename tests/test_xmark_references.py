@@ -289,4 +289,4 @@ def test_a_run_with_trained_references_releases_them_as_controls(tmp_path, monke
     assert sorted(release["control"]) == [f"reference_{i}" for i in range(6)]
     assert dict(module.hparams.trained_references) == {"epochs": 1, "seeds": [3], "lr": 1e-3, "weight_decay": 0.0,
                                                        "schedule": "constant", "thief_augmented": True,
-                                                       "families": None}
+                                                       "families": None, "pipeline": "loop"}

@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from utils.clean_model_runs import train_clean_models_first
 from utils.hardware import cpu_bf16_is_native, emulated_bf16_warning
 from utils.loggers import CURVES_FILE, keep_wandb_run_id, metrics_csv_of, plot_curves, with_csv_logger
 
@@ -429,6 +430,9 @@ def run_training(cfg: DictConfig) -> float | None:
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
     resolution = resolve_secrets(cfg)  # before anything is built: the module and callbacks take the values
+    # X-Mark's pipeline: train_py references / controls (else nothing); a kit this run would replace is
+    # refused before they are trained, not after
+    train_clean_models_first(cfg, before_training=lambda: refuse_existing_kit(cfg, resolution.kit_dir))
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
