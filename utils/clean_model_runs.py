@@ -156,7 +156,10 @@ def train_clean_models_first(cfg: DictConfig,
     for index, item in enumerate(plan):
         folder = root / item["name"]
         checkpoint = finished_checkpoint(folder)
-        if checkpoint is None:
+        if checkpoint is not None:
+            log.info("clean model %d/%d: %s finished before, reused: %s", index + 1, len(plan), item["name"],
+                     checkpoint)
+        else:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError(f"pipeline: train_py would train {folder} in every process of this multi-process "
                                  "launch: train the clean models first (method=task runs, docs/xmark.md) and list "
