@@ -51,6 +51,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from benchmarks._study import evidence, fmt, run_verify  # noqa: E402
 import utils.resolvers  # noqa: E402,F401
+from utils.clean_model_runs import finished_run, run_checkpoint  # noqa: E402
 
 SCENARIOS = ("mal", "indm")
 
@@ -184,16 +185,6 @@ def suspect_folder(scenario: str, arch: str, seed: int, root: Path, fingerprint:
     return f"{scenario}_{arch}_s{seed}_{key}"
 
 
-def finished_suspect(folder: Path) -> dict[str, Any] | None:
-    """The ``summary.json`` of a suspect trained to the end in ``folder`` whose checkpoint is still there."""
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    checkpoint = summary.get("best_checkpoint") or summary.get("last_checkpoint")
-    return summary if checkpoint and Path(checkpoint).is_file() else None
-
-
 def run_cell(args, release: Path, arch: str, seed: int, scenario: str, work: Path,
              fingerprints: dict[Path, str] | None = None) -> dict[str, Any]:
     """Train one suspect (or reuse the one trained alike in ``work``) and verify it; the cell's numbers
@@ -211,12 +202,12 @@ def run_cell(args, release: Path, arch: str, seed: int, scenario: str, work: Pat
         fingerprints[root] = data_fingerprint(root)
     folder = work / "suspects" / suspect_folder(scenario, arch, seed, root, fingerprints[root], overrides, release)
     started = time.time()
-    summary = finished_suspect(folder)
+    summary = finished_run(folder)  # a suspect trained to the end before
     reused = summary is not None
     if not reused:
         summary = train(overrides, folder, work / "data")
     train_seconds = time.time() - started
-    checkpoint = summary.get("best_checkpoint") or summary.get("last_checkpoint")
+    checkpoint = run_checkpoint(summary)
     overrides = [f"secret={secret}", f"suspect={checkpoint}", f"paths.data_dir={work / 'data'}", "quiet=true",
                  "verify.num_figures=0"]
     if args.image_size:

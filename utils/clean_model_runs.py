@@ -124,14 +124,26 @@ def clean_model_plan(cfg: DictConfig) -> list[dict]:
     return plan
 
 
-def finished_checkpoint(folder: Path) -> str | None:
-    """The best (else last) checkpoint of a run that finished in ``folder`` and whose checkpoint is still there."""
+def run_checkpoint(summary: dict) -> str | None:
+    """The best (else last) checkpoint a ``train.py`` run's ``summary.json`` names (None = neither)."""
+    return summary.get("best_checkpoint") or summary.get("last_checkpoint")
+
+
+def finished_run(folder: Path) -> dict | None:
+    """The ``summary.json`` of a ``train.py`` run that finished in ``folder`` and whose checkpoint
+    (:func:`run_checkpoint`) is still there; None otherwise (also shared by ``benchmarks/xmark_matrix.py``)."""
     try:
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    checkpoint = summary.get("best_checkpoint") or summary.get("last_checkpoint")
-    return checkpoint if checkpoint and Path(checkpoint).is_file() else None
+    checkpoint = run_checkpoint(summary)
+    return summary if checkpoint and Path(checkpoint).is_file() else None
+
+
+def finished_checkpoint(folder: Path) -> str | None:
+    """:func:`run_checkpoint` of :func:`finished_run` (None when the run did not finish)."""
+    summary = finished_run(folder)
+    return run_checkpoint(summary) if summary is not None else None
 
 
 def train_clean_models_first(cfg: DictConfig,
